@@ -1,0 +1,321 @@
+"""Stage `routing_dataset`: validate expert datasets, then merge, balance and split them.
+
+Input contract: `<experts_dir>/<expert>/datasets/**/*.jsonl`, one object a line with `id`,
+`image` (relative to the JSONL's folder, inside the expert's folder) and `messages`. Every defect
+is collected with its file and line; any defect fails the stage before anything is written.
+Output (written to a temporary folder, renamed into place whole): `{train,val,eval}.jsonl`,
+content-addressed `images/<sha256>.<ext>`, and `manifest.json` with source data versions,
+counts and hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from modal_jobs.atomic import atomic_dir, write_json
+from modal_jobs.errors import MoleError
+from modal_jobs.hashing import combine, expert_version, file_sha256
+from modal_jobs.stage import Check, StageResult, StageSpec, json_value, md, number, path_value
+
+SPLITS = ("train", "val", "eval")
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_REPORTED = 25
+
+
+class DatasetError(MoleError):
+    """Expert data violates the input contract; the message lists every defect found."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated expert sample."""
+
+    expert: str
+    id: str
+    image: Path
+    image_sha: str
+    instruction: str
+    answer: str
+    source: str
+
+
+class Defects:
+    """Collects defects as `file:line: problem` so one run reports them all."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, problem: str) -> None:
+        """Record one defect."""
+        self.items.append(f"{where}: {problem}")
+
+    def raise_if_any(self, context: str) -> None:
+        """Fail with every defect (the first MAX_REPORTED) if any were found."""
+        if not self.items:
+            return
+        shown = "\n  ".join(self.items[:MAX_REPORTED])
+        more = len(self.items) - MAX_REPORTED
+        tail = f"\n  … and {more} more" if more > 0 else ""
+        raise DatasetError(f"{context}: {len(self.items)} problem(s)\n  {shown}{tail}")
+
+
+def run(spec: StageSpec) -> StageResult:
+    """Validate every configured expert, sample, split and write the routing dataset."""
+    config = spec.config
+    experts_dir = config.experts_dir
+    defects = Defects()
+    _check_expert_folders(config.config_dir / "dataset.yaml", experts_dir, set(config.dataset.experts), defects)
+    records = {name: load_expert(experts_dir / name, name, defects) for name in config.dataset.experts}
+    defects.raise_if_any(f"invalid expert data under {experts_dir}")
+    chosen = _sample(records, spec, defects)
+    defects.raise_if_any("not enough expert data")
+    splits = split_records(chosen, spec)
+    versions = {name: expert_version(experts_dir / name) for name in config.dataset.experts}
+    manifest = _write(spec, splits, versions)
+    return _result(spec, manifest)
+
+
+def _check_expert_folders(config_file: Path, experts_dir: Path, configured: set[str], defects: Defects) -> None:
+    if not experts_dir.is_dir():
+        raise DatasetError(
+            f"{config_file}: experts_dir {experts_dir} does not exist; fix: point experts_dir at "
+            "your expert datasets or create them (e.g. `mole demo-data --out DIR`)"
+        )
+    present = {p.name for p in experts_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    for name in sorted(configured - present):
+        defects.add(str(experts_dir / name), f"expert {name!r} is in {config_file} but has no folder")
+    for name in sorted(present - configured):
+        defects.add(
+            str(experts_dir / name),
+            f"expert {name!r} has data but is not in {config_file}; fix: add it under `experts:` "
+            "or move its folder out of experts_dir",
+        )
+
+
+def load_expert(folder: Path, expert: str, defects: Defects) -> list[Record]:
+    """Parse and validate every JSONL line of one expert; defects are recorded, not raised."""
+    files = sorted((folder / "datasets").rglob("*.jsonl")) if folder.is_dir() else []
+    if folder.is_dir() and not files:
+        defects.add(str(folder), "empty expert: no datasets/**/*.jsonl files")
+    records: list[Record] = []
+    seen: dict[str, str] = {}
+    for path in files:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number_, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            record = _parse_line(folder, expert, path, number_, line, defects)
+            if record is None:
+                continue
+            if record.id in seen:
+                defects.add(record.source, f"duplicate id {record.id!r} (first at {seen[record.id]})")
+                continue
+            seen[record.id] = record.source
+            records.append(record)
+    if files and not records and not defects.items:
+        defects.add(str(folder), "empty expert: its JSONL files hold no samples")
+    return records
+
+
+def _parse_line(
+    folder: Path, expert: str, path: Path, line_no: int, line: str, defects: Defects
+) -> Record | None:
+    where = f"{path}:{line_no}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        defects.add(where, f"malformed JSON ({exc.msg} at column {exc.colno})")
+        return None
+    problem = _schema_problem(row)
+    if problem:
+        defects.add(where, problem)
+        return None
+    image, problem = _resolve_image(folder, path.parent, row["image"])
+    if image is None:
+        defects.add(where, problem)
+        return None
+    problem = decode_problem(image)
+    if problem:
+        defects.add(where, f"image {row['image']!r}: {problem}")
+        return None
+    user = next(m["content"] for m in row["messages"] if m["role"] == "user")
+    answer = next((m["content"] for m in row["messages"] if m["role"] == "assistant"), "")
+    return Record(expert, row["id"], image, file_sha256(image), user, answer, where)
+
+
+def _schema_problem(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return "expected a JSON object with id, image and messages"
+    for key in ("id", "image"):
+        if not isinstance(row.get(key), str) or not row[key]:
+            return f"field {key!r} must be a non-empty string"
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "field 'messages' must be a non-empty list"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return f"messages[{index}] must be an object with a string 'content'"
+        if message.get("role") not in ("system", "user", "assistant"):
+            return f"messages[{index}].role must be system, user or assistant"
+    if not any(m["role"] == "user" for m in messages):
+        return "messages must contain a user message (the instruction)"
+    return None
+
+
+def _resolve_image(expert_root: Path, base: Path, relative: str) -> tuple[Path | None, str]:
+    if Path(relative).is_absolute():
+        return None, f"image path {relative!r} is absolute; fix: make it relative to {base}"
+    candidate = base / relative
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(expert_root.resolve()):
+        return None, f"image path {relative!r} escapes the expert folder {expert_root}"
+    if not resolved.is_file():
+        return None, f"image {relative!r} not found at {candidate}"
+    return resolved, ""
+
+
+def decode_problem(path: Path) -> str | None:
+    """Why `path` is not a fully decodable image of sane size, or None if it is."""
+    if path.stat().st_size == 0:
+        return "zero-byte file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as probe:
+                if probe.width * probe.height > MAX_IMAGE_PIXELS:
+                    return f"{probe.width}x{probe.height} exceeds {MAX_IMAGE_PIXELS} pixels"
+                probe.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as exc:
+        return f"not a decodable image ({exc})"
+    return None
+
+
+def _sample(records: dict[str, list[Record]], spec: StageSpec, defects: Defects) -> dict[str, list[Record]]:
+    dataset = spec.config.dataset
+    chosen: dict[str, list[Record]] = {}
+    for name, expert in dataset.experts.items():
+        pool = sorted(records[name], key=lambda r: r.id)
+        if len(pool) < expert.count and dataset.shortfall == "error":
+            defects.add(
+                str(spec.config.experts_dir / name),
+                f"dataset.yaml asks for {expert.count} samples of {name!r} but only {len(pool)} "
+                "exist; fix: lower `count` or set `shortfall: use_available`",
+            )
+            continue
+        rng = random.Random(f"{dataset.seed}:{name}")
+        chosen[name] = rng.sample(pool, min(expert.count, len(pool)))
+    return chosen
+
+
+def split_records(chosen: dict[str, list[Record]], spec: StageSpec) -> dict[str, list[Record]]:
+    """Split each expert by image (one image never lands in two splits), then merge."""
+    fractions = spec.config.dataset.splits
+    splits: dict[str, list[Record]] = {name: [] for name in SPLITS}
+    for expert, records in chosen.items():
+        by_image: dict[str, list[Record]] = defaultdict(list)
+        for record in records:
+            by_image[record.image_sha].append(record)
+        groups = sorted(by_image.values(), key=lambda group: group[0].id)
+        random.Random(f"{spec.config.dataset.seed}:split:{expert}").shuffle(groups)
+        n_eval = max(1, round(len(groups) * fractions.eval))
+        n_val = round(len(groups) * fractions.val)
+        cut = {"eval": groups[:n_eval], "val": groups[n_eval:n_eval + n_val],
+               "train": groups[n_eval + n_val:]}
+        for split, members in cut.items():
+            splits[split].extend(r for group in members for r in group)
+    return splits
+
+
+def _write(spec: StageSpec, splits: dict[str, list[Record]], versions: dict[str, str]) -> dict[str, Any]:
+    dataset = spec.config.dataset
+    with atomic_dir(spec.layout.dataset) as staging:
+        (staging / "images").mkdir()
+        hashes: dict[str, str] = {}
+        for split, records in splits.items():
+            rows = [_row(staging, record, dataset.label_of(record.expert)) for record in records]
+            path = staging / f"{split}.jsonl"
+            path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            hashes[split] = file_sha256(path)
+        manifest = {
+            "run": spec.run,
+            "dataset_version": combine(f"{s}:{hashes[s]}" for s in SPLITS),
+            "source_versions": versions,
+            "split_sha256": hashes,
+            "counts": {s: dict(sorted(Counter(r.expert for r in splits[s]).items())) for s in SPLITS},
+            "labels": {name: dataset.label_of(name) for name in dataset.experts},
+            "system_prompt": dataset.system_prompt,
+            "config": dataset.model_dump(mode="json"),
+        }
+        write_json(staging / "manifest.json", manifest)
+    return manifest
+
+
+def _row(staging: Path, record: Record, label: str) -> dict[str, Any]:
+    name = f"{record.image_sha}{record.image.suffix.lower()}"
+    target = staging / "images" / name
+    if not target.exists():
+        shutil.copyfile(record.image, target)
+    return {
+        "id": f"{record.expert}/{record.id}", "expert": record.expert, "label": label,
+        "image": f"images/{name}", "instruction": record.instruction, "answer": record.answer,
+        "source": record.source,
+    }
+
+
+def read_split(dataset_dir: Path, split: str) -> list[dict[str, Any]]:
+    """Rows of one split of a written routing dataset."""
+    path = dataset_dir / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _result(spec: StageSpec, manifest: dict[str, Any]) -> StageResult:
+    root = spec.layout.dataset
+    counts = manifest["counts"]
+    table = ["| expert | " + " | ".join(SPLITS) + " |", "|---|" + "---|" * len(SPLITS)]
+    for name in spec.config.dataset.experts:
+        table.append(f"| {name} | " + " | ".join(str(counts[s].get(name, 0)) for s in SPLITS) + " |")
+    metadata = {
+        "path": path_value(root),
+        "num_samples": number(sum(sum(c.values()) for c in counts.values())),
+        "counts": md("\n".join(table)),
+        "source_versions": json_value(manifest["source_versions"]),
+        "dataset_version": md(f"`{manifest['dataset_version']}`"),
+    }
+    return StageResult(manifest["dataset_version"][:16], metadata, verify(root, spec))
+
+
+def verify(root: Path, spec: StageSpec) -> list[Check]:
+    """Asset checks on the written dataset: class balance, split leakage, decodable images."""
+    rows = {split: read_split(root, split) for split in SPLITS}
+    train_counts = Counter(r["expert"] for r in rows["train"])
+    expected = set(spec.config.dataset.experts)
+    low, high = min(train_counts.values(), default=0), max(train_counts.values(), default=0)
+    balanced = set(train_counts) == expected and low > 0 and high <= 1.5 * low
+    images = {split: {r["image"] for r in split_rows} for split, split_rows in rows.items()}
+    shared = (images["train"] & images["eval"]) | (images["train"] & images["val"]) | (
+        images["val"] & images["eval"])
+    broken = sorted(p for p in set().union(*images.values()) if decode_problem(root / p))
+    return [
+        Check("class_balance", balanced, "every expert present; largest ≤ 1.5× smallest (train)",
+              {"train_counts": json_value(dict(train_counts))}),
+        Check("split_leakage", not shared, "no image appears in two splits",
+              {"shared_images": number(len(shared))}),
+        Check("images_decodable", not broken, "every dataset image decodes",
+              {"undecodable": json_value(broken[:20])}),
+    ]
+
+
+if __name__ == "__main__":
+    from modal_jobs.pipes import main
+
+    main(run, StageSpec)

@@ -1,0 +1,46 @@
+"""Classification metrics for the router: accuracy, macro-F1, per-class P/R/F1, confusion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def classification_report(truth: np.ndarray, predicted: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Metrics of predicted vs true class indices over `labels` (index order)."""
+    k = len(labels)
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    per_class: dict[str, dict[str, float]] = {}
+    for i, label in enumerate(labels):
+        tp = float(matrix[i, i])
+        precision = tp / matrix[:, i].sum() if matrix[:, i].sum() else 0.0
+        recall = tp / matrix[i, :].sum() if matrix[i, :].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1,
+                            "support": int(matrix[i, :].sum())}
+    n = int(matrix.sum())
+    return {
+        "n": n,
+        "accuracy": float(np.trace(matrix) / n) if n else 0.0,
+        "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])) if k else 0.0,
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+        "labels": list(labels),
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """Per-class table and confusion matrix as markdown."""
+    lines = ["| expert | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for label, row in report["per_class"].items():
+        lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | "
+                     f"{row['f1']:.3f} | {row['support']} |")
+    labels = report["labels"]
+    lines += ["", "| true \\ routed | " + " | ".join(labels) + " |",
+              "|---|" + "---|" * len(labels)]
+    for label, row in zip(labels, report["confusion_matrix"], strict=True):
+        lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines)

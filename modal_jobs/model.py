@@ -1,0 +1,62 @@
+"""Loading the base Qwen3-VL model and attaching the router LoRA (language model only)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+from modal_jobs.config import LoraSpec
+
+# Only the language model's projections: the vision tower and merger stay frozen, and adapters of
+# this shape load in vLLM and in PEFT mixed-adapter batches (`all-linear` would hit the vision tower).
+LORA_TARGETS = (
+    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision the model runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+
+    @classmethod
+    def detect(cls) -> Runtime:
+        """bf16 + flash-attn (when importable) on CUDA, fp32 + sdpa on CPU."""
+        if torch.cuda.is_available():
+            flash = importlib.util.find_spec("flash_attn") is not None
+            attention = "flash_attention_2" if flash else "sdpa"
+            return cls(torch.device("cuda"), torch.bfloat16, attention)
+        return cls(torch.device("cpu"), torch.float32, "sdpa")
+
+
+def load_processor(base: str) -> Any:
+    """The base model's `Qwen3VLProcessor` (a local folder or a hub repo id)."""
+    return AutoProcessor.from_pretrained(base)
+
+
+def load_base(base: str, runtime: Runtime) -> Qwen3VLForConditionalGeneration:
+    """The base `Qwen3VLForConditionalGeneration`, frozen, on the runtime's device."""
+    model = Qwen3VLForConditionalGeneration.from_pretrained(
+        base, dtype=runtime.dtype, attn_implementation=runtime.attention
+    )
+    model.requires_grad_(False)
+    return model.to(runtime.device)
+
+
+def lora_config(spec: LoraSpec) -> LoraConfig:
+    """The router adapter's LoRA config: language-model projections only."""
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,80 @@
+"""Running a stage as `python -m modal_jobs.<stage>`: under Dagster Pipes, or by hand.
+
+Under Pipes the spec arrives in the Pipes extras, logs stream to Dagster and the `StageResult`
+becomes the materialization (metadata, data version) and asset-check results. Without Dagster,
+`--spec spec.json` runs the same function and prints the result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
+
+from modal_jobs.errors import MoleError
+from modal_jobs.stage import StageResult, StageSpec
+
+S = TypeVar("S", bound=StageSpec)
+# Exit status for bad input: Dagster's retry policy treats it as final (not an infra failure).
+EXIT_BAD_INPUT = 3
+
+
+class _PipesLogHandler(logging.Handler):
+    """Forwards Python logging records to Dagster's compute log through Pipes."""
+
+    def __init__(self, context: PipesContext) -> None:
+        super().__init__(logging.INFO)
+        self.context = context
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "warning" if record.levelno >= logging.WARNING else "info"
+        getattr(self.context.log, level)(self.format(record))
+
+
+def report(context: PipesContext, result: StageResult) -> None:
+    """Report a stage result to Dagster: the materialization, then each asset check."""
+    context.report_asset_materialization(metadata=result.metadata, data_version=result.data_version)
+    for check in result.checks:
+        context.report_asset_check(
+            check_name=check.name, passed=check.passed, severity=check.severity,
+            metadata={"description": {"type": "text", "raw_value": check.description},
+                      **check.metadata},
+        )
+
+
+def main(run: Callable[[S], StageResult], spec_type: type[S], argv: list[str] | None = None) -> None:
+    """Entry point of every stage module."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if PipesEnvVarParamsLoader().is_dagster_pipes_process():
+            _run_under_pipes(run, spec_type)
+        else:
+            _run_by_hand(run, spec_type, argv)
+    except MoleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from exc
+
+
+def _run_under_pipes(run: Callable[[S], StageResult], spec_type: type[S]) -> None:
+    with open_dagster_pipes() as context:
+        handler = _PipesLogHandler(context)
+        logging.getLogger().addHandler(handler)
+        try:
+            result = run(spec_type.model_validate(context.extras["spec"]))
+        finally:
+            logging.getLogger().removeHandler(handler)
+        report(context, result)
+
+
+def _run_by_hand(run: Callable[[S], StageResult], spec_type: type[S], argv: list[str] | None) -> None:
+    parser = argparse.ArgumentParser(description="Run one mole stage without Dagster.")
+    parser.add_argument("--spec", type=Path, required=True, help="JSON file with the stage spec")
+    args = parser.parse_args(argv)
+    spec: Any = spec_type.model_validate(json.loads(args.spec.read_text()))
+    print(json.dumps(run(spec).to_json(), indent=2, default=str))

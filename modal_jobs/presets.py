@@ -1,0 +1,217 @@
+"""Model presets: resolve a preset to a loadable base (hub repo id or a locally built folder).
+
+`tiny` is a random-init Qwen3-VL from a small config with a byte-level BPE tokenizer made here,
+then trained briefly on synthetic screens and their expert answers. A random base sees little
+more than colour statistics; this short pre-training is the honest stand-in for a pretrained VLM
+that already understands screens. It is built once per preset definition and cached under the
+models volume, so every run and every fresh process reuses the same saved base and processor.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+from modal_jobs import demo_data
+from modal_jobs.atomic import atomic_dir, write_json
+from modal_jobs.batching import Encoded, answer_loss, collate, encode
+from modal_jobs.config import ModelPreset, PretrainSpec
+from modal_jobs.optim import adamw
+
+log = logging.getLogger(__name__)
+
+# Bump when the build recipe changes so cached bases are rebuilt.
+BUILD_VERSION = 3
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+)
+# Qwen's chat layout (im_start/im_end turns, vision markers around the image pad), written here.
+APP_WORDS = ("calendar", "spreadsheet", "terminal", "email", "code", "editor", "map")
+NAME_PROMPT = "Name a few kinds of apps."
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def resolve_base(name: str, preset: ModelPreset, models_dir: Path) -> str:
+    """A string `from_pretrained` accepts for this preset, building `tiny` on first use."""
+    if preset.source == "hub":
+        assert preset.repo_id is not None
+        return preset.repo_id
+    target = models_dir / "presets" / f"{name}-{preset_key(preset)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    with _build_lock(target.with_suffix(".lock")):
+        if not (target / "config.json").is_file():
+            build_local_preset(preset, target)
+    return str(target)
+
+
+def preset_key(preset: ModelPreset) -> str:
+    """Short content hash of a preset's definition and the build recipe version."""
+    blob = json.dumps({"preset": preset.model_dump(mode="json"), "v": BUILD_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class _build_lock:  # noqa: N801 - used as a context manager, reads like one
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w")  # noqa: SIM115 - held for the lock's lifetime
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def build_local_preset(preset: ModelPreset, target: Path) -> None:
+    """Build tokenizer, processor and model for a local preset, pre-train, save atomically."""
+    assert preset.pretrain is not None
+    started = time.perf_counter()
+    samples = list(_pretrain_samples(preset.pretrain))
+    texts = [text for sample in samples for text in (sample.instruction, sample.answer)]
+    processor = build_processor(preset, texts)
+    model = build_model(preset, processor)
+    pretrain(model, processor, preset, samples)
+    with atomic_dir(target) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        write_json(staging / "mole_preset.json", {
+            "preset": preset.model_dump(mode="json"),
+            "build_version": BUILD_VERSION,
+            "build_seconds": round(time.perf_counter() - started, 1),
+        })
+    log.info("built local preset at %s in %.1fs", target, time.perf_counter() - started)
+
+
+def _pretrain_samples(spec: PretrainSpec) -> Iterator[demo_data.Sample]:
+    """Screens with their expert answers, plus a share of screens paired with app-name lists.
+
+    The name lists are unrelated to the screen they come with: they give the app-name tokens
+    trained output embeddings, as a real vocabulary has, without teaching which screen is which
+    (so an untrained router on this base stays near chance).
+    """
+    for expert in demo_data.EXPERTS:
+        for index in range(spec.samples_per_expert):
+            seed = hashlib.sha256(f"pretrain:{spec.seed}:{expert}:{index}".encode()).digest()
+            rng = random.Random(seed)
+            sample = demo_data.render_sample(expert, rng)
+            if index % 4 == 3:
+                names = rng.sample(APP_WORDS, len(APP_WORDS))
+                sample = demo_data.Sample(sample.image, NAME_PROMPT, ", ".join(names))
+            yield sample
+
+
+def build_processor(preset: ModelPreset, corpus: list[str]) -> Qwen3VLProcessor:
+    """A `Qwen3VLProcessor` around a byte-level BPE tokenizer trained on `corpus`."""
+    assert preset.vision is not None and preset.vocab_size is not None
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=preset.vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    # App names repeated so each becomes one token, as common words are in a real vocabulary.
+    names = [" ".join(APP_WORDS) for _ in range(100)]
+    bpe.train_from_iterator(corpus + names, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    patch = preset.vision.patch_size
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=patch, merge_size=2, temporal_patch_size=2,
+        min_pixels=preset.image.min_pixels, max_pixels=preset.image.max_pixels,
+    )
+    video_processor = Qwen3VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2)
+    return Qwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=video_processor, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(preset: ModelPreset, processor: Any) -> Qwen3VLForConditionalGeneration:
+    """A random-init Qwen3-VL of the preset's dimensions, wired to the processor's tokens."""
+    assert preset.text is not None and preset.vision is not None and preset.pretrain is not None
+    token = processor.tokenizer.convert_tokens_to_ids
+    text = preset.text.model_dump()
+    head = text["head_dim"]
+    # Interleaved multimodal RoPE sections (temporal, height, width) must sum to head_dim / 2.
+    third = head // 6
+    sections = [head // 2 - 2 * third, third, third]
+    config = Qwen3VLConfig(
+        text_config={
+            **text, "vocab_size": len(processor.tokenizer), "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "mrope_section": sections, "mrope_interleaved": True},
+        },
+        vision_config={
+            **preset.vision.model_dump(), "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "out_hidden_size": text["hidden_size"], "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [preset.vision.depth - 1],
+        },
+        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(preset.pretrain.seed)
+    return Qwen3VLForConditionalGeneration(config)
+
+
+def pretrain(
+    model: Qwen3VLForConditionalGeneration,
+    processor: Any,
+    preset: ModelPreset,
+    samples: list[demo_data.Sample],
+) -> None:
+    """Full fine-tune on (screen, instruction) → expert answer, loss on the answer only."""
+    assert preset.pretrain is not None
+    spec = preset.pretrain
+    encoded: list[Encoded] = [
+        encode(processor, s.image, preset.image, None, s.instruction, s.answer) for s in samples
+    ]
+    optimizer, scheduler = adamw(model.parameters(), spec.learning_rate, spec.steps // 10, spec.steps)
+    rng = random.Random(spec.seed)
+    model.train()
+    for step in range(spec.steps):
+        batch = collate(processor, rng.sample(encoded, spec.batch_size), preset.image)
+        labels = batch.pop("labels")
+        loss = answer_loss(model(**batch).logits, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == spec.steps - 1:
+            log.info("pretrain step %d/%d loss %.3f", step + 1, spec.steps, loss.item())
+    model.eval()

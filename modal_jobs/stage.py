@@ -1,0 +1,90 @@
+"""What every stage returns, in the JSON-safe shape Dagster Pipes reports as metadata.
+
+Stages are plain functions `run(spec) -> StageResult`; the launchers (local Pipes subprocess or
+a Modal entrypoint) turn a `StageResult` into a Dagster materialization with the same metadata.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from modal_jobs.config import MoleConfig
+from modal_jobs.layout import RunLayout, Volumes
+
+MetadataValue = dict[str, Any]
+
+
+def md(text: str) -> MetadataValue:
+    """Markdown metadata (tables, embedded images)."""
+    return {"type": "md", "raw_value": text}
+
+
+def json_value(value: Any) -> MetadataValue:
+    """JSON metadata."""
+    return {"type": "json", "raw_value": value}
+
+
+def path_value(path: Path) -> MetadataValue:
+    """A filesystem path on the run's volume."""
+    return {"type": "path", "raw_value": str(path)}
+
+
+def number(value: float | int) -> MetadataValue:
+    """A float or int metadata value."""
+    kind = "int" if isinstance(value, int) else "float"
+    return {"type": kind, "raw_value": value}
+
+
+def text(value: str) -> MetadataValue:
+    """A plain text metadata value."""
+    return {"type": "text", "raw_value": value}
+
+
+def png_markdown(png: bytes, alt: str) -> MetadataValue:
+    """A PNG shown inline in the Dagster UI (markdown with a data URI)."""
+    encoded = base64.b64encode(png).decode()
+    return md(f"![{alt}](data:image/png;base64,{encoded})")
+
+
+@dataclass(frozen=True)
+class Check:
+    """An asset-check result a stage computed on what it wrote."""
+
+    name: str
+    passed: bool
+    description: str
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    severity: Literal["ERROR", "WARN"] = "ERROR"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """Metadata, data version and check results of one stage run."""
+
+    data_version: str
+    metadata: dict[str, MetadataValue]
+    checks: list[Check] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict, for Modal return values and `--spec` runs without Dagster."""
+        return asdict(self)
+
+
+class StageSpec(BaseModel):
+    """What every stage needs: the run partition, the validated config and the volume roots."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    run: str
+    config: MoleConfig
+    volumes: Volumes
+
+    @property
+    def layout(self) -> RunLayout:
+        """This run's artifact paths on the data volume."""
+        return self.volumes.run(self.run)

@@ -1,0 +1,239 @@
+"""Stage `router_checkpoint`: train the router LoRA on the tokenized shards.
+
+Reads top to bottom: spec → data → model → optimizer → loop → checkpoint. Resumable: every
+`checkpoint_every` steps the adapter, optimizer, scheduler and RNG state go to the run's
+`train_state/step-N/` (atomically), and a restarted run continues from the newest complete one.
+The published output is `adapter_config.json` + `adapter_model.safetensors`, loadable with
+vanilla `peft.PeftModel.from_pretrained` onto the saved base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch.utils.tensorboard import SummaryWriter
+
+from modal_jobs import plots
+from modal_jobs.atomic import atomic_dir, write_json
+from modal_jobs.batching import answer_loss, collate
+from modal_jobs.config import ImageBounds
+from modal_jobs.hashing import file_sha256
+from modal_jobs.model import Runtime, load_base, load_processor, lora_config
+from modal_jobs.optim import adamw
+from modal_jobs.shards import Split, load_split, read_index
+from modal_jobs.stage import (
+    StageResult,
+    StageSpec,
+    json_value,
+    number,
+    path_value,
+    png_markdown,
+    text,
+)
+
+log = logging.getLogger(__name__)
+
+FAST_STEPS = 20
+TEST_SAMPLES = 48
+TEST_STEPS = 8
+KEEP_CHECKPOINTS = 2
+
+
+class TrainSpec(StageSpec):
+    """Router-training hyper-parameters; unset ones come from the model preset."""
+
+    mode: Literal["full", "fast", "test"] = "full"
+    steps: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def total_steps(self) -> int:
+        """Steps this run trains for, after the mode is applied."""
+        if self.mode == "fast":
+            return FAST_STEPS
+        if self.mode == "test":
+            return TEST_STEPS
+        return self.steps or self.config.preset.train.steps
+
+
+def run(spec: TrainSpec) -> StageResult:
+    """Train (or resume) the router adapter and publish it atomically."""
+    started = time.perf_counter()
+    defaults = spec.config.preset.train
+    total = spec.total_steps()
+    batch_size = spec.batch_size or defaults.batch_size
+    lr = spec.learning_rate or defaults.learning_rate
+    warmup = min(spec.warmup_steps if spec.warmup_steps is not None else defaults.warmup_steps,
+                 total // 5)
+
+    # data
+    index = read_index(spec.layout.shards)
+    train = load_split(spec.layout.shards, index, "train")
+    if spec.mode == "test":
+        keep = np.random.default_rng(spec.seed).permutation(len(train.items))[:TEST_SAMPLES]
+        train = Split([train.items[i] for i in sorted(keep)], train.classes[sorted(keep)])
+    bounds = ImageBounds(**index["image_bounds"])
+
+    # model
+    runtime = Runtime.detect()
+    processor = load_processor(index["base"])
+    torch.manual_seed(spec.seed)
+    model = get_peft_model(load_base(index["base"], runtime), lora_config(spec.config.preset.lora))
+
+    # optimizer
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = adamw(trainable, lr, warmup, total)
+    start = resume(spec.layout.resume, model, optimizer, scheduler)
+
+    # loop
+    writer = SummaryWriter(str(spec.layout.tensorboard))
+    curve: list[tuple[int, float]] = []
+    tokens = 0
+    loop_started = time.perf_counter()
+    model.train()
+    for step in range(start, total):
+        picks = batch_indices(len(train.items), batch_size, step, spec.seed)
+        batch = {k: v.to(runtime.device) for k, v in
+                 collate(processor, [train.items[i] for i in picks], bounds).items()}
+        labels = batch.pop("labels")
+        loss = answer_loss(model(**batch).logits, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        curve.append((step + 1, loss.item()))
+        writer.add_scalar("train/loss", curve[-1][1], step + 1)
+        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step + 1)
+        if (step + 1) % spec.log_every == 0 or step + 1 == total:
+            log.info("step %d/%d loss %.4f", step + 1, total, curve[-1][1])
+        if (step + 1) % spec.checkpoint_every == 0 and step + 1 < total:
+            save_state(spec.layout.resume, step + 1, model, optimizer, scheduler)
+    writer.close()
+    loop_seconds = time.perf_counter() - loop_started
+
+    # checkpoint
+    summary = {
+        "base": index["base"], "labels": index["labels"], "steps": total, "resumed_from": start,
+        "batch_size": batch_size, "learning_rate": lr, "warmup_steps": warmup, "mode": spec.mode,
+        "shards_version": index["shards_version"], "final_loss": curve[-1][1] if curve else None,
+        "tokens_per_second": tokens / loop_seconds if loop_seconds > 0 else 0.0,
+        "wall_seconds": time.perf_counter() - started, "device": str(runtime.device),
+    }
+    publish(spec.layout.checkpoint, model, summary, curve)
+    shutil.rmtree(spec.layout.resume, ignore_errors=True)
+    return _result(spec, summary, curve)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The samples of `step`: epochs of seeded permutations, so a resumed run sees the same data."""
+    per_epoch = max(1, n // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = random.Random(f"{seed}:{epoch}").sample(range(n), n)
+    return order[offset * batch_size:(offset + 1) * batch_size] or order[:batch_size]
+
+
+def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any) -> None:
+    """Write a complete resume point `step-N/` (safetensors + JSON only), pruning old ones."""
+    with atomic_dir(root / f"step-{step:07d}") as staging:
+        save_file(get_peft_model_state_dict(model), str(staging / "adapter.safetensors"))
+        tensors, layout = _flatten_optimizer(optimizer.state_dict())
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+        write_json(staging / "state.json", {
+            "step": step, "optimizer": layout, "scheduler": scheduler.state_dict(),
+        })
+    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(root: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
+    """Restore the newest complete resume point; return the step to continue from (0 if none)."""
+    points = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    if not points:
+        return 0
+    point = points[-1]
+    state = json.loads((point / "state.json").read_text())
+    set_peft_model_state_dict(model, load_file(str(point / "adapter.safetensors")))
+    tensors = load_file(str(point / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    log.info("resumed from %s (step %d)", point, state["step"])
+    return int(state["step"])
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in layout["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": layout["param_groups"]}
+
+
+def publish(target: Path, model: PeftModel, summary: dict[str, Any], curve: list[tuple[int, float]]) -> None:
+    """Write the final adapter, summary and loss curve to `target` in one atomic rename."""
+    with atomic_dir(target) as staging:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        summary["adapter_sha256"] = file_sha256(staging / "adapter_model.safetensors")
+        write_json(staging / "training_summary.json", summary)
+        write_json(staging / "loss_curve.json", [[s, loss] for s, loss in curve])
+        if curve:
+            (staging / "loss_curve.png").write_bytes(
+                plots.loss_curve([s for s, _ in curve], [loss for _, loss in curve]))
+
+
+def _result(spec: TrainSpec, summary: dict[str, Any], curve: list[tuple[int, float]]) -> StageResult:
+    metadata = {
+        "path": path_value(spec.layout.checkpoint),
+        "steps": number(summary["steps"]),
+        "resumed_from_step": number(summary["resumed_from"]),
+        "final_loss": number(round(summary["final_loss"] or 0.0, 5)),
+        "tokens_per_second": number(round(summary["tokens_per_second"], 1)),
+        "wall_seconds": number(round(summary["wall_seconds"], 2)),
+        "mode": text(spec.mode),
+        "device": text(summary["device"]),
+        "shards_version": text(summary["shards_version"]),
+        "loss_curve_values": json_value([[s, round(v, 5)] for s, v in curve]),
+        "tensorboard": path_value(spec.layout.tensorboard),
+    }
+    png = spec.layout.checkpoint / "loss_curve.png"
+    if png.is_file():
+        metadata["loss_curve"] = png_markdown(png.read_bytes(), "loss curve")
+    return StageResult(summary["adapter_sha256"][:16], metadata)
+
+
+if __name__ == "__main__":
+    from modal_jobs.pipes import main
+
+    main(run, TrainSpec)

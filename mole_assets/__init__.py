@@ -1,0 +1,1 @@
+"""mole's Dagster definitions: assets, partitions, checks, resources, jobs and the CLI."""

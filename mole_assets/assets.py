@@ -1,0 +1,163 @@
+"""The router graph: expert sources → routing dataset → shards → checkpoint → report → deployment.
+
+Assets are thin: build the stage spec, launch `modal_jobs.<stage>` through the `mole` resource,
+and let Pipes carry metadata, data versions and check results back. Pipes assets store no Python
+output; each stage finds its inputs by the run's volume layout.
+"""
+
+
+from collections.abc import Iterator
+from typing import Any
+
+import warnings
+
+import dagster as dg
+from pydantic import Field
+
+from modal_jobs.config import MoleConfig
+from modal_jobs.hashing import expert_version
+from mole_assets.partitions import run_names
+from mole_assets.resources import MoleResource
+
+# Observable source assets are marked beta; they are the documented way to version external data.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+GROUP = "router"
+EXPERTS_PREFIX = "expert_datasets"
+
+
+def expert_source(name: str) -> dg.SourceAsset:
+    """Observable source asset for one expert's dataset; its data version is a content hash."""
+
+    @dg.observable_source_asset(
+        key=[EXPERTS_PREFIX, name],
+        group_name="experts",
+        description=f"Expert dataset `{name}` (JSONL + images); version = content hash.",
+    )
+    def _expert(mole: MoleResource) -> dg.DataVersion:
+        return dg.DataVersion(expert_version(mole.load().experts_dir / name)[:16])
+
+    return _expert
+
+
+def expert_sources(config: MoleConfig) -> list[dg.SourceAsset]:
+    """One source asset per configured expert."""
+    return [expert_source(name) for name in sorted(config.dataset.experts)]
+
+
+def _check(name: str, asset: str, description: str, blocking: bool = False) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(name, asset=asset, description=description, blocking=blocking)
+
+
+def routing_dataset_asset(config: MoleConfig) -> dg.AssetsDefinition:
+    """`routing_dataset`, depending on every configured expert source."""
+
+    @dg.asset(
+        name="routing_dataset",
+        partitions_def=run_names,
+        deps=[dg.AssetKey([EXPERTS_PREFIX, n]) for n in sorted(config.dataset.experts)],
+        group_name=GROUP,
+        kinds={"python", "jsonl"},
+        code_version="1",
+        description="Validated, balanced train/val/eval split of the expert datasets.",
+        check_specs=[
+            _check("class_balance", "routing_dataset", "Every expert present, balanced."),
+            _check("split_leakage", "routing_dataset", "No image in two splits.", blocking=True),
+            _check("images_decodable", "routing_dataset", "Every image decodes.", blocking=True),
+        ],
+    )
+    def routing_dataset(
+        context: dg.AssetExecutionContext, mole: MoleResource
+    ) -> Iterator[Any]:
+        yield from mole.launch(context, mole.spec(context.partition_key))
+
+    return routing_dataset
+
+
+@dg.asset(
+    partitions_def=run_names,
+    deps=["routing_dataset"],
+    group_name=GROUP,
+    kinds={"python", "safetensors"},
+    code_version="1",
+    description="Qwen3VLProcessor-tokenized shards with answer-only labels and sized pixels.",
+    check_specs=[_check("splits_nonempty", "tokenized_shards", "Every split holds samples.",
+                        blocking=True)],
+)
+def tokenized_shards(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterator[Any]:
+    """Tokenize the run's routing dataset (builds the cached tiny base on first use)."""
+    yield from mole.launch(context, mole.spec(context.partition_key))
+
+
+class TrainConfig(dg.Config):  # type: ignore[misc]
+    """Router training run config; unset values come from the model preset."""
+
+    mode: str = Field("full", description="full, fast (20 steps) or test (small subset).")
+    steps: int | None = Field(None, description="Optimizer steps (full mode).")
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
+    seed: int = 0
+    checkpoint_every: int = Field(100, description="Steps between resume checkpoints.")
+
+
+@dg.asset(
+    partitions_def=run_names,
+    deps=["tokenized_shards"],
+    group_name=GROUP,
+    kinds={"pytorch", "safetensors"},
+    code_version="1",
+    description="Router LoRA (language model only): adapter_config.json + safetensors.",
+    pool="gpu",
+)
+def router_checkpoint(
+    context: dg.AssetExecutionContext, config: TrainConfig, mole: MoleResource
+) -> Iterator[Any]:
+    """Train the router LoRA (resumes from the newest resume point)."""
+    if config.mode not in ("full", "fast", "test"):
+        raise dg.Failure(f"router_checkpoint config: mode must be full, fast or test, "
+                         f"got {config.mode!r}")
+    spec = mole.spec(context.partition_key, **config.model_dump())
+    yield from mole.launch(context, spec)
+
+
+@dg.asset(
+    partitions_def=run_names,
+    deps=["router_checkpoint"],
+    group_name=GROUP,
+    kinds={"pytorch", "json"},
+    code_version="1",
+    description="Held-out eval: accuracy, macro-F1, per-class P/R/F1, confusion matrix.",
+    check_specs=[_check("accuracy_gate", "eval_report",
+                        "Eval accuracy reaches router.min_accuracy (gates deployment).",
+                        blocking=True)],
+    pool="gpu",
+)
+def eval_report(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterator[Any]:
+    """Score the eval split with the trained and the untrained router."""
+    yield from mole.launch(context, mole.spec(context.partition_key))
+
+
+@dg.asset(
+    partitions_def=run_names,
+    deps=["eval_report"],
+    group_name=GROUP,
+    kinds={"json"},
+    code_version="1",
+    description="The router published to the inference volume and made current in the registry.",
+)
+def deployed_router(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterator[Any]:
+    """Atomically publish the run's router (refused below the accuracy gate)."""
+    yield from mole.launch(context, mole.spec(context.partition_key))
+
+
+def router_assets(config: MoleConfig) -> list[Any]:
+    """Every asset of the graph for this config."""
+    return [
+        *expert_sources(config),
+        routing_dataset_asset(config),
+        tokenized_shards,
+        router_checkpoint,
+        eval_report,
+        deployed_router,
+    ]

@@ -1,0 +1,238 @@
+"""The `mole` command line: demo data, run partitions, materialization, reports, deployment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from modal_jobs.config import load_config
+from modal_jobs.errors import MoleError
+from modal_jobs.layout import Volumes, mole_home
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+DEFAULT_TARGET = "eval_report"
+
+
+class CliError(MoleError):
+    """A command-line usage problem."""
+
+
+def instance() -> dg.DagsterInstance:
+    """The Dagster instance: `DAGSTER_HOME`, default `MOLE_HOME/dagster`."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(mole_home() / "dagster")))
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.get()
+
+
+def check_run_name(name: str) -> str:
+    """Reject run names Dagster partitions (and folder names) cannot carry."""
+    if not RUN_NAME.match(name):
+        raise CliError(
+            f"invalid run name {name!r}: use letters, digits, '_', '.' or '-' (max 80), "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    """Write synthetic expert datasets."""
+    from modal_jobs.demo_data import write_demo_data
+
+    counts = write_demo_data(Path(args.out), args.per_expert, args.seed)
+    for expert, count in counts.items():
+        print(f"{expert}: {count} samples")
+    print(f"wrote {sum(counts.values())} samples under {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """Add or list run partitions."""
+    from mole_assets.partitions import RUN_NAMES
+
+    inst = instance()
+    if args.runs_command == "add":
+        name = check_run_name(args.name)
+        inst.add_dynamic_partitions(RUN_NAMES, [name])
+        print(f"added run {name}")
+    else:
+        for name in inst.get_dynamic_partitions(RUN_NAMES):
+            print(name)
+    return 0
+
+
+def ensure_run(inst: dg.DagsterInstance, name: str) -> None:
+    """Add the run partition if it does not exist yet."""
+    from mole_assets.partitions import RUN_NAMES
+
+    if not inst.has_dynamic_partition(RUN_NAMES, check_run_name(name)):
+        inst.add_dynamic_partitions(RUN_NAMES, [name])
+        print(f"added run {name}")
+
+
+def materialize(name: str, selection: Any, mode: str | None = None) -> dg.ExecuteInProcessResult:
+    """Materialize `selection` for the run partition `name` against the instance."""
+    from mole_assets.assets import router_assets
+    from mole_assets.definitions import defs
+    from mole_assets.jobs import observe_experts_job
+    from mole_assets.resources import MoleResource
+
+    inst = instance()
+    ensure_run(inst, name)
+    # Record the expert datasets' current versions so lineage and staleness reflect this run.
+    defs.resolve_job_def(observe_experts_job.name).execute_in_process(instance=inst)
+    assets = router_assets(load_config())
+    run_config: dict[str, Any] = {}
+    if mode:
+        run_config = {"ops": {"router_checkpoint": {"config": {"mode": mode}}}}
+    return dg.materialize(
+        assets, instance=inst, partition_key=name, selection=selection,
+        resources={"mole": MoleResource()}, run_config=run_config, raise_on_error=False,
+        tags={"mole/run": name},
+    )
+
+
+def selection_for(select: str | None) -> dg.AssetSelection:
+    """`--select` (Dagster selection syntax) or everything up to the eval report."""
+    if select:
+        return dg.AssetSelection.from_string(select)
+    return dg.AssetSelection.assets(DEFAULT_TARGET).upstream()
+
+
+def _failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
+    return [
+        f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
+        for event in result.all_events
+        if event.is_step_failure and event.step_failure_data.error is not None
+    ]
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    """Materialize a run partition (default: everything up to `eval_report`)."""
+    name = check_run_name(args.name)
+    mode = "fast" if args.fast else "test" if args.test else None
+    selection = selection_for(args.select)
+    if args.dry:
+        return _dry_run(name, selection, mode)
+    result = materialize(name, selection, mode)
+    if not result.success:
+        for message in _failure_messages(result):
+            print(f"failed: {message}", file=sys.stderr)
+        return 1
+    keys = sorted({e.asset_key.to_user_string() for e in result.get_asset_materialization_events()
+                   if e.asset_key is not None})
+    print(f"run {name}: materialized {', '.join(keys)}")
+    return 0
+
+
+def _dry_run(name: str, selection: dg.AssetSelection, mode: str | None) -> int:
+    from mole_assets.definitions import defs
+    from mole_assets.resources import STAGES, MoleResource
+
+    graph = defs.resolve_asset_graph()
+    keys = selection.resolve(graph)
+    mole = MoleResource()
+    for key in graph.toposorted_asset_keys:
+        stage = STAGES.get(key.to_user_string())
+        if key not in keys or stage is None:
+            continue
+        plan = mole.plan(stage, name)
+        print(f"{key.to_user_string()}: {json.dumps(plan, sort_keys=True)}")
+    if mode:
+        print(f"router_checkpoint mode: {mode}")
+    return 0
+
+
+def _layout(name: str) -> Any:
+    return Volumes.local().run(check_run_name(name))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print a run's eval report (markdown, or JSON with --json)."""
+    report_dir = _layout(args.name).report
+    path = report_dir / ("report.json" if args.json else "report.md")
+    if not path.is_file():
+        raise CliError(f"{path}: no eval report for run {args.name!r}; fix: "
+                       f"`mole materialize {args.name}`")
+    print(path.read_text().rstrip())
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Deploy a run's router (or roll back to the previous deployment)."""
+    from modal_jobs.deploy import read_registry, rollback
+
+    volumes = Volumes.local()
+    if args.rollback:
+        print(f"rolled back: current router is {rollback(volumes)}")
+        return 0
+    if not args.name:
+        raise CliError("mole deploy needs a run name (or --rollback)")
+    result = materialize(args.name, dg.AssetSelection.assets("deployed_router"))
+    if not result.success:
+        for message in _failure_messages(result):
+            print(f"failed: {message}", file=sys.stderr)
+        return 1
+    print(f"deployed: current router is {read_registry(volumes)['current']}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    root = argparse.ArgumentParser(prog="mole", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo-data", help="write synthetic expert datasets")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--per-expert", type=int, default=100)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_data)
+
+    runs = sub.add_parser("runs", help="run partitions in the Dagster instance")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    add = runs_sub.add_parser("add", help="add a run partition")
+    add.add_argument("name")
+    runs_sub.add_parser("list", help="list run partitions")
+    runs.set_defaults(func=cmd_runs)
+
+    mat = sub.add_parser("materialize", help="materialize a run's assets")
+    mat.add_argument("name")
+    mat.add_argument("--select", help="Dagster asset selection (default: up to eval_report)")
+    modes = mat.add_mutually_exclusive_group()
+    modes.add_argument("--fast", action="store_true", help="train 20 steps")
+    modes.add_argument("--test", action="store_true", help="train on a small subset")
+    mat.add_argument("--dry", action="store_true", help="print what would run, run nothing")
+    mat.set_defaults(func=cmd_materialize)
+
+    rep = sub.add_parser("report", help="print a run's eval report")
+    rep.add_argument("name")
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(func=cmd_report)
+
+    dep = sub.add_parser("deploy", help="deploy a run's router")
+    dep.add_argument("name", nargs="?")
+    dep.add_argument("--rollback", action="store_true", help="restore the previous router")
+    dep.set_defaults(func=cmd_deploy)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; a `MoleError` becomes `error: ...` and exit status 2."""
+    args = parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except MoleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,14 @@
+"""Dagster entry point (`mole_assets.definitions:defs`): gathers assets, jobs and resources."""
+
+import dagster as dg
+
+from modal_jobs.config import load_config
+from mole_assets.assets import router_assets
+from mole_assets.jobs import deploy_router_job, observe_experts_job, train_router_job
+from mole_assets.resources import MoleResource
+
+defs = dg.Definitions(
+    assets=router_assets(load_config()),
+    jobs=[train_router_job, deploy_router_job, observe_experts_job],
+    resources={"mole": MoleResource()},
+)
