@@ -42,8 +42,11 @@ def resize_factor(processor: Any) -> int:
 def resize_screen(image: Image.Image, bounds: ImageBounds, factor: int) -> Image.Image:
     """Resize a screenshot into the pixel bounds, each side a multiple of `factor` (RGB)."""
     height, width = smart_resize(
-        image.height, image.width, factor=factor,
-        min_pixels=bounds.min_pixels, max_pixels=bounds.max_pixels,
+        image.height,
+        image.width,
+        factor=factor,
+        min_pixels=bounds.min_pixels,
+        max_pixels=bounds.max_pixels,
     )
     rgb = image.convert("RGB")
     if (height, width) == (rgb.height, rgb.width):
@@ -78,7 +81,9 @@ def encode(
     )
     text = prompt
     if answer is not None:
-        text = processor.apply_chat_template(conversation(system, instruction, answer), tokenize=False)
+        text = processor.apply_chat_template(
+            conversation(system, instruction, answer), tokenize=False
+        )
     size = {"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels}
     out = processor(text=[text], images=[sized], size=size, return_tensors="np")
     ids = out["input_ids"][0].astype(np.int32)
@@ -96,7 +101,7 @@ def encode(
 
 
 def _expanded_prompt(processor: Any, prompt: str, out: Any) -> str:
-    merge = processor.image_processor.merge_size ** 2
+    merge = processor.image_processor.merge_size**2
     n_tokens = int(np.prod(out["image_grid_thw"][0])) // merge
     return str(prompt.replace(processor.image_token, processor.image_token * n_tokens, 1))
 
@@ -108,7 +113,9 @@ def _answer_end(processor: Any, ids: np.ndarray, prompt_len: int) -> int:
     return prompt_len + int(hits[0]) + 1 if len(hits) else len(ids)
 
 
-def collate(processor: Any, items: Sequence[Encoded], bounds: ImageBounds) -> dict[str, torch.Tensor]:
+def collate(
+    processor: Any, items: Sequence[Encoded], bounds: ImageBounds
+) -> dict[str, torch.Tensor]:
     """Right-pad a batch; labels keep only answer tokens; pixels go through the image processor."""
     width = max(len(item.input_ids) for item in items)
     pad_id = processor.tokenizer.pad_token_id or 0

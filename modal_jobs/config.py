@@ -248,11 +248,16 @@ def _read(path: Path) -> Any:
             return json.loads(text)
         return yaml.safe_load(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+        raise ConfigError(
+            f"{path}:{exc.lineno}: invalid JSON: {exc.msg}; fix: correct the syntax on that line"
+        ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {exc}") from exc
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"{path}{line}: invalid YAML: {problem}; fix: correct the syntax on that line"
+        ) from exc
 
 
 def _load(path: Path, model: type[M]) -> M:
@@ -264,7 +269,9 @@ def _validate(path: Path, raw: Any, model: type[M], key: str | None) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problem = exc.errors()[0]
+        errors = exc.errors()
+        # A misspelt key shows up as "missing" + "extra": the extra key is the one to name.
+        problem = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         loc = tuple(str(part) for part in problem["loc"])
         keys = ((key,) if key is not None else ()) + loc
         line = _line_of(path, keys)

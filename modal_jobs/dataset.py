@@ -73,8 +73,13 @@ def run(spec: StageSpec) -> StageResult:
     config = spec.config
     experts_dir = config.experts_dir
     defects = Defects()
-    _check_expert_folders(config.config_dir / "dataset.yaml", experts_dir, set(config.dataset.experts), defects)
-    records = {name: load_expert(experts_dir / name, name, defects) for name in config.dataset.experts}
+    _check_expert_folders(
+        config.config_dir / "dataset.yaml", experts_dir, set(config.dataset.experts), defects
+    )
+    records = {
+        name: load_expert(experts_dir / name, name, defects) for name in config.dataset.experts
+    }
+    _check_shared_images(records, defects)
     defects.raise_if_any(f"invalid expert data under {experts_dir}")
     chosen = _sample(records, spec, defects)
     defects.raise_if_any("not enough expert data")
@@ -84,7 +89,9 @@ def run(spec: StageSpec) -> StageResult:
     return _result(spec, manifest)
 
 
-def _check_expert_folders(config_file: Path, experts_dir: Path, configured: set[str], defects: Defects) -> None:
+def _check_expert_folders(
+    config_file: Path, experts_dir: Path, configured: set[str], defects: Defects
+) -> None:
     if not experts_dir.is_dir():
         raise DatasetError(
             f"{config_file}: experts_dir {experts_dir} does not exist; fix: point experts_dir at "
@@ -92,7 +99,9 @@ def _check_expert_folders(config_file: Path, experts_dir: Path, configured: set[
         )
     present = {p.name for p in experts_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
     for name in sorted(configured - present):
-        defects.add(str(experts_dir / name), f"expert {name!r} is in {config_file} but has no folder")
+        defects.add(
+            str(experts_dir / name), f"expert {name!r} is in {config_file} but has no folder"
+        )
     for name in sorted(present - configured):
         defects.add(
             str(experts_dir / name),
@@ -101,11 +110,26 @@ def _check_expert_folders(config_file: Path, experts_dir: Path, configured: set[
         )
 
 
+def _check_shared_images(records: dict[str, list[Record]], defects: Defects) -> None:
+    """One screenshot labelled with two experts is contradictory (and would leak across splits)."""
+    owner: dict[str, Record] = {}
+    for expert_records in records.values():
+        for record in expert_records:
+            first = owner.setdefault(record.image_sha, record)
+            if first.expert != record.expert:
+                defects.add(
+                    record.source,
+                    f"the same image is also used by expert {first.expert!r} at {first.source}; "
+                    "fix: keep each screenshot in one expert",
+                )
+
+
 def load_expert(folder: Path, expert: str, defects: Defects) -> list[Record]:
     """Parse and validate every JSONL line of one expert; defects are recorded, not raised."""
     files = sorted((folder / "datasets").rglob("*.jsonl")) if folder.is_dir() else []
     if folder.is_dir() and not files:
         defects.add(str(folder), "empty expert: no datasets/**/*.jsonl files")
+    before = len(defects.items)
     records: list[Record] = []
     seen: dict[str, str] = {}
     for path in files:
@@ -117,11 +141,13 @@ def load_expert(folder: Path, expert: str, defects: Defects) -> list[Record]:
             if record is None:
                 continue
             if record.id in seen:
-                defects.add(record.source, f"duplicate id {record.id!r} (first at {seen[record.id]})")
+                defects.add(
+                    record.source, f"duplicate id {record.id!r} (first at {seen[record.id]})"
+                )
                 continue
             seen[record.id] = record.source
             records.append(record)
-    if files and not records and not defects.items:
+    if files and not records and len(defects.items) == before:
         defects.add(str(folder), "empty expert: its JSONL files hold no samples")
     return records
 
@@ -190,17 +216,28 @@ def decode_problem(path: Path) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as probe:
-                if probe.width * probe.height > MAX_IMAGE_PIXELS:
-                    return f"{probe.width}x{probe.height} exceeds {MAX_IMAGE_PIXELS} pixels"
-                probe.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
+            return _decode(path)
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as exc:
         return f"not a decodable image ({exc})"
+
+
+def _decode(path: Path) -> str | None:
+    with Image.open(path) as probe:
+        if probe.width * probe.height > MAX_IMAGE_PIXELS:
+            return f"{probe.width}x{probe.height} exceeds {MAX_IMAGE_PIXELS} pixels"
+        probe.load()
     return None
 
 
-def _sample(records: dict[str, list[Record]], spec: StageSpec, defects: Defects) -> dict[str, list[Record]]:
+def _sample(
+    records: dict[str, list[Record]], spec: StageSpec, defects: Defects
+) -> dict[str, list[Record]]:
     dataset = spec.config.dataset
     chosen: dict[str, list[Record]] = {}
     for name, expert in dataset.experts.items():
@@ -229,14 +266,19 @@ def split_records(chosen: dict[str, list[Record]], spec: StageSpec) -> dict[str,
         random.Random(f"{spec.config.dataset.seed}:split:{expert}").shuffle(groups)
         n_eval = max(1, round(len(groups) * fractions.eval))
         n_val = round(len(groups) * fractions.val)
-        cut = {"eval": groups[:n_eval], "val": groups[n_eval:n_eval + n_val],
-               "train": groups[n_eval + n_val:]}
+        cut = {
+            "eval": groups[:n_eval],
+            "val": groups[n_eval : n_eval + n_val],
+            "train": groups[n_eval + n_val :],
+        }
         for split, members in cut.items():
             splits[split].extend(r for group in members for r in group)
     return splits
 
 
-def _write(spec: StageSpec, splits: dict[str, list[Record]], versions: dict[str, str]) -> dict[str, Any]:
+def _write(
+    spec: StageSpec, splits: dict[str, list[Record]], versions: dict[str, str]
+) -> dict[str, Any]:
     dataset = spec.config.dataset
     with atomic_dir(spec.layout.dataset) as staging:
         (staging / "images").mkdir()
@@ -251,7 +293,9 @@ def _write(spec: StageSpec, splits: dict[str, list[Record]], versions: dict[str,
             "dataset_version": combine(f"{s}:{hashes[s]}" for s in SPLITS),
             "source_versions": versions,
             "split_sha256": hashes,
-            "counts": {s: dict(sorted(Counter(r.expert for r in splits[s]).items())) for s in SPLITS},
+            "counts": {
+                s: dict(sorted(Counter(r.expert for r in splits[s]).items())) for s in SPLITS
+            },
             "labels": {name: dataset.label_of(name) for name in dataset.experts},
             "system_prompt": dataset.system_prompt,
             "config": dataset.model_dump(mode="json"),
@@ -266,8 +310,12 @@ def _row(staging: Path, record: Record, label: str) -> dict[str, Any]:
     if not target.exists():
         shutil.copyfile(record.image, target)
     return {
-        "id": f"{record.expert}/{record.id}", "expert": record.expert, "label": label,
-        "image": f"images/{name}", "instruction": record.instruction, "answer": record.answer,
+        "id": f"{record.expert}/{record.id}",
+        "expert": record.expert,
+        "label": label,
+        "image": f"images/{name}",
+        "instruction": record.instruction,
+        "answer": record.answer,
         "source": record.source,
     }
 
@@ -283,7 +331,9 @@ def _result(spec: StageSpec, manifest: dict[str, Any]) -> StageResult:
     counts = manifest["counts"]
     table = ["| expert | " + " | ".join(SPLITS) + " |", "|---|" + "---|" * len(SPLITS)]
     for name in spec.config.dataset.experts:
-        table.append(f"| {name} | " + " | ".join(str(counts[s].get(name, 0)) for s in SPLITS) + " |")
+        table.append(
+            f"| {name} | " + " | ".join(str(counts[s].get(name, 0)) for s in SPLITS) + " |"
+        )
     metadata = {
         "path": path_value(root),
         "num_samples": number(sum(sum(c.values()) for c in counts.values())),
@@ -302,16 +352,31 @@ def verify(root: Path, spec: StageSpec) -> list[Check]:
     low, high = min(train_counts.values(), default=0), max(train_counts.values(), default=0)
     balanced = set(train_counts) == expected and low > 0 and high <= 1.5 * low
     images = {split: {r["image"] for r in split_rows} for split, split_rows in rows.items()}
-    shared = (images["train"] & images["eval"]) | (images["train"] & images["val"]) | (
-        images["val"] & images["eval"])
+    shared = (
+        (images["train"] & images["eval"])
+        | (images["train"] & images["val"])
+        | (images["val"] & images["eval"])
+    )
     broken = sorted(p for p in set().union(*images.values()) if decode_problem(root / p))
     return [
-        Check("class_balance", balanced, "every expert present; largest ≤ 1.5× smallest (train)",
-              {"train_counts": json_value(dict(train_counts))}),
-        Check("split_leakage", not shared, "no image appears in two splits",
-              {"shared_images": number(len(shared))}),
-        Check("images_decodable", not broken, "every dataset image decodes",
-              {"undecodable": json_value(broken[:20])}),
+        Check(
+            "class_balance",
+            balanced,
+            "every expert present; largest ≤ 1.5× smallest (train)",
+            {"train_counts": json_value(dict(train_counts))},
+        ),
+        Check(
+            "split_leakage",
+            not shared,
+            "no image appears in two splits",
+            {"shared_images": number(len(shared))},
+        ),
+        Check(
+            "images_decodable",
+            not broken,
+            "every dataset image decodes",
+            {"undecodable": json_value(broken[:20])},
+        ),
     ]
 
 

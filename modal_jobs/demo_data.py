@@ -47,12 +47,29 @@ _Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 _WHITE: Color = (255, 255, 255)
 _BLACK: Color = (0, 0, 0)
 _FORBIDDEN = (
-    "calendar", "spreadsheet", "terminal", "email", "code_editor", "code", "editor", "map",
+    "calendar",
+    "spreadsheet",
+    "terminal",
+    "email",
+    "code_editor",
+    "code",
+    "editor",
+    "map",
 )
 _FORBIDDEN_RE = re.compile(r"\b(" + "|".join(_FORBIDDEN) + r")\b", re.IGNORECASE)
 _MONTHS = (
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 )
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _ASPECTS = (4 / 3, 16 / 10, 16 / 9, 3 / 2, 5 / 4, 21 / 9, 1.0, 2.0)
@@ -170,7 +187,14 @@ class _Ctx:
 def _compass(dx: float, dy: float) -> str:
     """Compass direction of a screen offset (y grows downwards)."""
     names = (
-        "east", "north-east", "north", "north-west", "west", "south-west", "south", "south-east",
+        "east",
+        "north-east",
+        "north",
+        "north-west",
+        "west",
+        "south-west",
+        "south",
+        "south-east",
     )
     angle = math.degrees(math.atan2(-dy, dx)) % 360
     return names[int((angle + 22.5) // 45) % 8]
@@ -179,18 +203,53 @@ def _compass(dx: float, dy: float) -> str:
 # --------------------------------------------------------------------------- calendar
 
 _CAL_ACCENTS: tuple[Color, ...] = (
-    (26, 115, 232), (37, 99, 235), (3, 105, 161), (48, 79, 224), (0, 120, 212),
+    (26, 115, 232),
+    (37, 99, 235),
+    (3, 105, 161),
+    (48, 79, 224),
+    (0, 120, 212),
 )
 _EVENT_COLORS: tuple[Color, ...] = (
-    (3, 155, 229), (51, 182, 121), (246, 145, 30), (142, 36, 170), (213, 0, 0),
-    (0, 137, 123), (121, 134, 203), (230, 124, 115), (244, 81, 30), (63, 81, 181),
+    (3, 155, 229),
+    (51, 182, 121),
+    (246, 145, 30),
+    (142, 36, 170),
+    (213, 0, 0),
+    (0, 137, 123),
+    (121, 134, 203),
+    (230, 124, 115),
+    (244, 81, 30),
+    (63, 81, 181),
 )
 _EVENT_TITLES = (
-    "Standup", "Design review", "1:1 with Ana", "Dentist", "Gym", "Lunch with Sam",
-    "Sprint planning", "Budget sync", "Yoga", "Flight to Berlin", "Team retro", "Doctor",
-    "Parent meeting", "Book club", "Interview", "Demo day", "Pay rent", "Call mom", "Haircut",
-    "Board meeting", "Coffee with Lee", "Launch prep", "Piano lesson", "Tax deadline",
-    "Product sync", "Hiring panel", "Soccer practice", "Vet appointment",
+    "Standup",
+    "Design review",
+    "1:1 with Ana",
+    "Dentist",
+    "Gym",
+    "Lunch with Sam",
+    "Sprint planning",
+    "Budget sync",
+    "Yoga",
+    "Flight to Berlin",
+    "Team retro",
+    "Doctor",
+    "Parent meeting",
+    "Book club",
+    "Interview",
+    "Demo day",
+    "Pay rent",
+    "Call mom",
+    "Haircut",
+    "Board meeting",
+    "Coffee with Lee",
+    "Launch prep",
+    "Piano lesson",
+    "Tax deadline",
+    "Product sync",
+    "Hiring panel",
+    "Soccer practice",
+    "Vet appointment",
 )
 
 
@@ -251,8 +310,11 @@ def _cal_header(ctx: _Ctx, box: Box, accent: Color, title: str) -> None:
     x += s * 3
     ctx.text((x, cy), title, _WHITE, scale=1.4, maxw=x1 - x - s * 8, bold=True)
     bw = ctx.font().getlength("Month") + s
-    d.rounded_rectangle((x1 - s * 3.5 - bw, cy - s * 0.9, x1 - s * 3.5, cy + s * 0.9),
-                        radius=s // 3, fill=_mix(accent, _WHITE, 0.25))
+    d.rounded_rectangle(
+        (x1 - s * 3.5 - bw, cy - s * 0.9, x1 - s * 3.5, cy + s * 0.9),
+        radius=s // 3,
+        fill=_mix(accent, _WHITE, 0.25),
+    )
     ctx.text((x1 - s * 3 - bw, cy), "Month", _WHITE)
     d.ellipse((x1 - s * 2.4, cy - s * 0.8, x1 - s * 0.8, cy + s * 0.8), fill=(240, 160, 60))
 
@@ -264,13 +326,19 @@ def _cal_sidebar(ctx: _Ctx, box: Box, accent: Color, ymd: tuple[int, int, int]) 
     d.line((x1 - 1, y0, x1 - 1, y1), fill=(210, 214, 222))
     pad = s * 0.8
     by = y0 + s * 1.2
-    d.rounded_rectangle((x0 + pad, by, x1 - pad, by + s * 2.4), radius=s, fill=_WHITE,
-                        outline=(200, 204, 212))
+    d.rounded_rectangle(
+        (x0 + pad, by, x1 - pad, by + s * 2.4), radius=s, fill=_WHITE, outline=(200, 204, 212)
+    )
     ctx.text((x0 + pad + s * 0.8, by + s * 1.2), "+  Create", accent, maxw=x1 - x0 - 2 * pad - s)
     y = by + s * 3.6
     year, month, today = ymd
-    ctx.text((x0 + pad, y), f"{_MONTHS[month - 1]} {year}", (60, 64, 67), scale=0.9,
-             maxw=x1 - x0 - 2 * pad)
+    ctx.text(
+        (x0 + pad, y),
+        f"{_MONTHS[month - 1]} {year}",
+        (60, 64, 67),
+        scale=0.9,
+        maxw=x1 - x0 - 2 * pad,
+    )
     y += s * 1.4
     for week in _calmod.Calendar(6).monthdayscalendar(year, month):
         row = "  ".join(f"{n:>2}" if n else "  " for n in week)
@@ -284,13 +352,15 @@ def _cal_sidebar(ctx: _Ctx, box: Box, accent: Color, ymd: tuple[int, int, int]) 
         y += s * 1.5
         if y > y1 - s:
             break
-        d.rectangle((x0 + pad, y - s * 0.4, x0 + pad + s * 0.8, y + s * 0.4),
-                    fill=rng.choice(_EVENT_COLORS))
+        d.rectangle(
+            (x0 + pad, y - s * 0.4, x0 + pad + s * 0.8, y + s * 0.4), fill=rng.choice(_EVENT_COLORS)
+        )
         ctx.text((x0 + pad + s * 1.4, y), name, (60, 64, 67), scale=0.85)
 
 
-def _cal_month_grid(ctx: _Ctx, box: Box, accent: Color, spec: tuple[int, int, int, int]
-                    ) -> list[_Event]:
+def _cal_month_grid(
+    ctx: _Ctx, box: Box, accent: Color, spec: tuple[int, int, int, int]
+) -> list[_Event]:
     year, month, today, first = spec
     weeks = _calmod.Calendar(first).monthdatescalendar(year, month)
     while len(weeks) < 5:
@@ -306,16 +376,21 @@ def _cal_month_grid(ctx: _Ctx, box: Box, accent: Color, spec: tuple[int, int, in
     cells: dict[int, Box] = {}
     for r, week in enumerate(weeks):
         for c, day in enumerate(week):
-            cb = (round(x0 + c * cw), round(y0 + wd_h + r * ch),
-                  round(x0 + (c + 1) * cw), round(y0 + wd_h + (r + 1) * ch))
+            cb = (
+                round(x0 + c * cw),
+                round(y0 + wd_h + r * ch),
+                round(x0 + (c + 1) * cw),
+                round(y0 + wd_h + (r + 1) * ch),
+            )
             _cal_cell(ctx, cb, day, (month, today), accent)
             if day.month == month:
                 cells[day.day] = cb
     return _cal_place_events(ctx, cells, ch)
 
 
-def _cal_cell(ctx: _Ctx, cb: Box, day: dt.date, month_today: tuple[int, int],
-              accent: Color) -> None:
+def _cal_cell(
+    ctx: _Ctx, cb: Box, day: dt.date, month_today: tuple[int, int], accent: Color
+) -> None:
     d, s = ctx.draw, ctx.fs
     inside = day.month == month_today[0]
     fill = _WHITE if inside else (242, 243, 246)
@@ -324,8 +399,10 @@ def _cal_cell(ctx: _Ctx, cb: Box, day: dt.date, month_today: tuple[int, int],
     d.rectangle(cb, fill=fill, outline=(218, 220, 224))
     pos = (cb[0] + s * 0.9, cb[1] + s * 0.85)
     if inside and day.day == month_today[1]:
-        d.ellipse((pos[0] - s * 0.75, pos[1] - s * 0.75, pos[0] + s * 0.75, pos[1] + s * 0.75),
-                  fill=accent)
+        d.ellipse(
+            (pos[0] - s * 0.75, pos[1] - s * 0.75, pos[0] + s * 0.75, pos[1] + s * 0.75),
+            fill=accent,
+        )
         ctx.text(pos, str(day.day), _WHITE, 0.8, anchor="mm")
         return
     ctx.text(pos, str(day.day), (60, 64, 67) if inside else (170, 172, 176), 0.8, anchor="mm")
@@ -343,8 +420,9 @@ def _cal_place_events(ctx: _Ctx, cells: dict[int, Box], cell_h: float) -> list[_
         todays = per_day.setdefault(day, [])
         title = rng.choice(_EVENT_TITLES)
         if len(todays) < cap and all(e.title != title for e in todays):
-            todays.append(_Event(day, f"{rng.randint(7, 19):02d}:{rng.choice((0, 15, 30, 45)):02d}",
-                                 title))
+            todays.append(
+                _Event(day, f"{rng.randint(7, 19):02d}:{rng.choice((0, 15, 30, 45)):02d}", title)
+            )
     events: list[_Event] = []
     for day in sorted(per_day):
         todays = sorted(per_day[day], key=lambda e: e.time)
@@ -374,7 +452,11 @@ def _cal_chip(ctx: _Ctx, box: Box, ev: _Event) -> None:
 
 def _calendar_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
     kinds: list[Callable[[random.Random, _CalInfo], tuple[str, str]]] = [
-        _cal_day_qa, _cal_day_qa, _cal_next_qa, _cal_count_qa, _cal_free_qa,
+        _cal_day_qa,
+        _cal_day_qa,
+        _cal_next_qa,
+        _cal_count_qa,
+        _cal_free_qa,
     ]
     if info.events:
         kinds.append(_cal_find_qa)
@@ -388,8 +470,14 @@ def _cal_day_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
     label = info.label(day)
     short = f"{_MONTHS[info.month - 1]} {day}"
     wd = label.split(",")[0]
-    q = rng.choice((f"What do I have on {label}?", f"What's on my schedule for {short}?",
-                    f"Am I busy on {wd} the {day}?", f"Anything planned for {short}?"))
+    q = rng.choice(
+        (
+            f"What do I have on {label}?",
+            f"What's on my schedule for {short}?",
+            f"Am I busy on {wd} the {day}?",
+            f"Anything planned for {short}?",
+        )
+    )
     evs = [e for e in info.events if e.day == day]
     if not evs:
         return q, f"Nothing is booked on {label}, so that whole day is free."
@@ -400,8 +488,9 @@ def _cal_day_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
 
 
 def _cal_next_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
-    q = rng.choice(("When is my next meeting?", "What's coming up after today?",
-                    "What's my next appointment?"))
+    q = rng.choice(
+        ("When is my next meeting?", "What's coming up after today?", "What's my next appointment?")
+    )
     upcoming = [e for e in info.events if e.day > info.today]
     if not upcoming:
         return q, f"Nothing else is scheduled after {info.label(info.today)} this month."
@@ -411,16 +500,23 @@ def _cal_next_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
 
 def _cal_count_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
     mname = _MONTHS[info.month - 1]
-    q = rng.choice((f"How many events do I have in {mname}?", "How busy is my month?",
-                    "How packed is this month looking?"))
+    q = rng.choice(
+        (
+            f"How many events do I have in {mname}?",
+            "How busy is my month?",
+            "How packed is this month looking?",
+        )
+    )
     if not info.events:
         return q, f"{mname} {info.year} is completely empty: no events at all."
     counts: dict[int, int] = {}
     for e in info.events:
         counts[e.day] = counts.get(e.day, 0) + 1
     top = max(counts, key=lambda k: (counts[k], -k))
-    return q, (f"I count {len(info.events)} events in {mname} {info.year}; the busiest day is "
-               f"{info.label(top)} with {counts[top]}.")
+    return q, (
+        f"I count {len(info.events)} events in {mname} {info.year}; the busiest day is "
+        f"{info.label(top)} with {counts[top]}."
+    )
 
 
 def _cal_free_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
@@ -439,8 +535,9 @@ def _cal_free_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
 def _cal_find_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
     title = rng.choice(info.events).title
     occ = [e for e in info.events if e.title == title]
-    q = rng.choice((f"When is {title}?", f"When do I have {title} this month?",
-                    f"What day is {title} on?"))
+    q = rng.choice(
+        (f"When is {title}?", f"When do I have {title} this month?", f"What day is {title} on?")
+    )
     if len(occ) == 1:
         return q, f"{title} is on {info.label(occ[0].day)} at {occ[0].time}."
     when = _join([f"{info.label(e.day)} at {e.time}" for e in occ])
@@ -450,20 +547,87 @@ def _cal_find_qa(rng: random.Random, info: _CalInfo) -> tuple[str, str]:
 # --------------------------------------------------------------------------- spreadsheet
 
 _SHEET_GREENS: tuple[Color, ...] = (
-    (33, 115, 70), (16, 124, 65), (15, 157, 88), (24, 128, 56), (22, 101, 52),
+    (33, 115, 70),
+    (16, 124, 65),
+    (15, 157, 88),
+    (24, 128, 56),
+    (22, 101, 52),
 )
 _SHEET_ROWS = (
-    ("Region", ("North", "South", "East", "West", "Central", "Coastal", "Mountain", "Metro",
-                "Rural", "Islands", "Valley", "Harbor", "Lakes", "Plains", "Delta", "Highlands",
-                "Riverside", "Uptown", "Downtown", "Suburbs")),
+    (
+        "Region",
+        (
+            "North",
+            "South",
+            "East",
+            "West",
+            "Central",
+            "Coastal",
+            "Mountain",
+            "Metro",
+            "Rural",
+            "Islands",
+            "Valley",
+            "Harbor",
+            "Lakes",
+            "Plains",
+            "Delta",
+            "Highlands",
+            "Riverside",
+            "Uptown",
+            "Downtown",
+            "Suburbs",
+        ),
+    ),
     ("Month", tuple(f"{m[:3]} {y}" for y in (2023, 2024) for m in _MONTHS)),
-    ("Product", ("Widget", "Gadget", "Sprocket", "Gizmo", "Bracket", "Flange", "Valve",
-                 "Rotor", "Spindle", "Lever", "Hinge", "Pulley", "Gasket", "Bolt", "Washer",
-                 "Bearing", "Clamp", "Nozzle", "Piston", "Axle")),
+    (
+        "Product",
+        (
+            "Widget",
+            "Gadget",
+            "Sprocket",
+            "Gizmo",
+            "Bracket",
+            "Flange",
+            "Valve",
+            "Rotor",
+            "Spindle",
+            "Lever",
+            "Hinge",
+            "Pulley",
+            "Gasket",
+            "Bolt",
+            "Washer",
+            "Bearing",
+            "Clamp",
+            "Nozzle",
+            "Piston",
+            "Axle",
+        ),
+    ),
     ("Store", tuple(f"Store {k:02d}" for k in range(1, 41))),
     ("SKU", tuple(f"SKU-{k}" for k in range(1000, 1400, 7))),
-    ("Team", ("Alpha", "Bravo", "Sales", "Support", "Ops", "Finance", "Design", "Research",
-              "Legal", "Growth", "Platform", "Data", "Security", "Mobile", "Infra", "Billing")),
+    (
+        "Team",
+        (
+            "Alpha",
+            "Bravo",
+            "Sales",
+            "Support",
+            "Ops",
+            "Finance",
+            "Design",
+            "Research",
+            "Legal",
+            "Growth",
+            "Platform",
+            "Data",
+            "Security",
+            "Mobile",
+            "Infra",
+            "Billing",
+        ),
+    ),
 )
 _SHEET_METRICS = (
     ("Q1", "Q2", "Q3", "Q4", "Target", "FY total", "Growth"),
@@ -534,11 +698,12 @@ def _sheet_table(rng: random.Random, n_rows: int, n_cols: int) -> _Table:
     n_rows = min(n_rows, rng.randint(5, 30), len(pool))
     n_cols = min(n_cols, rng.randint(2, 7))
     start = rng.randint(0, len(pool) - n_rows) if label == "Month" else 0
-    names = pool[start:start + n_rows] if label == "Month" else tuple(rng.sample(pool, n_rows))
+    names = pool[start : start + n_rows] if label == "Month" else tuple(rng.sample(pool, n_rows))
     headers = rng.choice(_SHEET_METRICS)[:n_cols]
     hi = rng.choice((99, 999, 9999))
-    values = tuple(tuple(rng.randint(hi // 20 + 1, hi) for _ in range(n_cols))
-                   for _ in range(n_rows))
+    values = tuple(
+        tuple(rng.randint(hi // 20 + 1, hi) for _ in range(n_cols)) for _ in range(n_rows)
+    )
     return _Table(label, names, headers, values, rng.choice(("Total", "Total", "Average")))
 
 
@@ -565,8 +730,10 @@ def _sheet_ribbon(ctx: _Ctx, box: Box, green: Color) -> int:
     x = float(x0 + s)
     while x < x1 - s * 2:
         sz = s * rng.uniform(0.9, 1.3)
-        d.rectangle((x, y + tool_h / 2 - sz / 2, x + sz, y + tool_h / 2 + sz / 2),
-                    fill=rng.choice(((90, 90, 90), (150, 150, 150), green, (66, 133, 244))))
+        d.rectangle(
+            (x, y + tool_h / 2 - sz / 2, x + sz, y + tool_h / 2 + sz / 2),
+            fill=rng.choice(((90, 90, 90), (150, 150, 150), green, (66, 133, 244))),
+        )
         x += sz + s * rng.choice((0.5, 0.6, 1.8))
     return y + tool_h
 
@@ -596,16 +763,27 @@ def _sheet_grid(ctx: _Ctx, box: Box, cols: list[int], rows: list[int], green: Co
     for y in rows:
         d.line((x0, y, x1, y), fill=line)
     for j in range(len(cols) - 1):
-        ctx.text(((cols[j] + cols[j + 1]) / 2, (rows[0] + rows[1]) / 2), _col_letter(j),
-                 (80, 80, 80), 0.8, anchor="mm")
+        ctx.text(
+            ((cols[j] + cols[j + 1]) / 2, (rows[0] + rows[1]) / 2),
+            _col_letter(j),
+            (80, 80, 80),
+            0.8,
+            anchor="mm",
+        )
     for i in range(1, len(rows) - 1):
-        ctx.text(((x0 + cols[0]) / 2, (rows[i] + rows[i + 1]) / 2), str(i), (80, 80, 80), 0.8,
-                 anchor="mm")
+        ctx.text(
+            ((x0 + cols[0]) / 2, (rows[i] + rows[i + 1]) / 2),
+            str(i),
+            (80, 80, 80),
+            0.8,
+            anchor="mm",
+        )
     d.line((x0, rows[1], x1, rows[1]), fill=_mix(green, _WHITE, 0.3))
 
 
-def _sheet_fill(ctx: _Ctx, cols: list[int], rows: list[int], table: _Table,
-                style: Color | None) -> None:
+def _sheet_fill(
+    ctx: _Ctx, cols: list[int], rows: list[int], table: _Table, style: Color | None
+) -> None:
     """Write the table into the grid, optionally styled as a green banded table."""
     ink: Color = (30, 30, 30)
     last = len(table.headers) + 1
@@ -613,8 +791,9 @@ def _sheet_fill(ctx: _Ctx, cols: list[int], rows: list[int], table: _Table,
         band = _mix(style, _WHITE, ctx.rng.uniform(0.72, 0.82))
         for r in range(1, len(table.names) + 3):
             fill = style if r == 1 else band if r % 2 else _WHITE
-            ctx.draw.rectangle((cols[0] + 1, rows[r] + 1, cols[last] - 1, rows[r + 1] - 1),
-                               fill=fill)
+            ctx.draw.rectangle(
+                (cols[0] + 1, rows[r] + 1, cols[last] - 1, rows[r + 1] - 1), fill=fill
+            )
 
     def put(j: int, r: int, text: str, right: bool, bold: bool = False) -> None:
         cy = (rows[r] + rows[r + 1]) / 2
@@ -638,11 +817,13 @@ def _sheet_fill(ctx: _Ctx, cols: list[int], rows: list[int], table: _Table,
         put(j + 1, r, table.summary_value(j), True, True)
 
 
-def _sheet_select(ctx: _Ctx, cols: list[int], rows: list[int], sel: tuple[int, int],
-                  green: Color) -> None:
+def _sheet_select(
+    ctx: _Ctx, cols: list[int], rows: list[int], sel: tuple[int, int], green: Color
+) -> None:
     j, r = sel
-    ctx.draw.rectangle((cols[j] - 1, rows[r] - 1, cols[j + 1] + 1, rows[r + 1] + 1), outline=green,
-                       width=2)
+    ctx.draw.rectangle(
+        (cols[j] - 1, rows[r] - 1, cols[j + 1] + 1, rows[r + 1] + 1), outline=green, width=2
+    )
     ctx.draw.rectangle((cols[j], rows[0], cols[j + 1], rows[1]), outline=green)
 
 
@@ -663,8 +844,10 @@ def _sheet_chart(ctx: _Ctx, cols: list[int], rows: list[int], table: _Table, bot
     step = (x1 - x0 - 2 * s) / len(vals)
     for k, v in enumerate(vals):
         bx = x0 + s + k * step
-        d.rectangle((bx + step * 0.15, base - (base - top) * v / max(vals), bx + step * 0.85, base),
-                    fill=color)
+        d.rectangle(
+            (bx + step * 0.15, base - (base - top) * v / max(vals), bx + step * 0.85, base),
+            fill=color,
+        )
     d.line((x0 + s, base, x1 - s, base), fill=(150, 150, 150))
 
 
@@ -697,11 +880,17 @@ def _sheet_qa(rng: random.Random, t: _Table) -> _SheetView:
         a = f"The {hdr} values in {letter}2:{letter}{n + 1} add up to {sum(col):,}."
         return _SheetView((q, a), total_sel, formula)
     if kind == "formula":
-        q = rng.choice(("What does the formula in the selected cell do?",
-                        f"Explain the formula in {letter}{n + 2}."))
+        q = rng.choice(
+            (
+                "What does the formula in the selected cell do?",
+                f"Explain the formula in {letter}{n + 2}.",
+            )
+        )
         verb = "adds up" if func == "SUM" else "averages"
-        a = (f"It's {formula}, which {verb} the {hdr} figures in rows 2 to {n + 1}; the result "
-             f"shown is {t.summary_value(j)}.")
+        a = (
+            f"It's {formula}, which {verb} the {hdr} figures in rows 2 to {n + 1}; the result "
+            f"shown is {t.summary_value(j)}."
+        )
         return _SheetView((q, a), total_sel, formula)
     return _sheet_value_qa(rng, t, j, kind)
 
@@ -758,51 +947,88 @@ def _term_missing_module(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], 
     script = rng.choice(("train.py", "app.py", "main.py", "scrape.py", "report.py"))
     mod = rng.choice(("torch", "pandas", "requests", "numpy", "yaml", "flask", "scipy"))
     line_no = rng.randint(1, 30)
-    lines = [sh.prompt(f"python {script}"), _out("Traceback (most recent call last):"),
-             _out(f'  File "/home/{sh.user}/{sh.proj}/{script}", line {line_no}, in <module>'),
-             _out(f"    import {mod}"),
-             _out(f"ModuleNotFoundError: No module named '{mod}'", "err")]
-    q = rng.choice(("Why did this command fail?", f"Why won't {script} run?",
-                    "What does this error mean?"))
+    lines = [
+        sh.prompt(f"python {script}"),
+        _out("Traceback (most recent call last):"),
+        _out(f'  File "/home/{sh.user}/{sh.proj}/{script}", line {line_no}, in <module>'),
+        _out(f"    import {mod}"),
+        _out(f"ModuleNotFoundError: No module named '{mod}'", "err"),
+    ]
+    q = rng.choice(
+        ("Why did this command fail?", f"Why won't {script} run?", "What does this error mean?")
+    )
     pip_name = {"yaml": "pyyaml"}.get(mod, mod)
-    a = (f"`python {script}` crashed on line {line_no} because the '{mod}' package isn't "
-         f"installed here. Running `pip install {pip_name}` should fix it.")
+    a = (
+        f"`python {script}` crashed on line {line_no} because the '{mod}' package isn't "
+        f"installed here. Running `pip install {pip_name}` should fix it."
+    )
     return lines, q, a
 
 
 def _term_permission(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str]:
-    verb, target = rng.choice((("rm", "/var/log/syslog"), ("cat", "/etc/shadow"),
-                               ("touch", "/usr/local/bin/tool"), ("mkdir", "/opt/cache")))
-    msgs = {"rm": "cannot remove", "cat": "", "touch": "cannot touch",
-            "mkdir": "cannot create directory"}
+    verb, target = rng.choice(
+        (
+            ("rm", "/var/log/syslog"),
+            ("cat", "/etc/shadow"),
+            ("touch", "/usr/local/bin/tool"),
+            ("mkdir", "/opt/cache"),
+        )
+    )
+    msgs = {
+        "rm": "cannot remove",
+        "cat": "",
+        "touch": "cannot touch",
+        "mkdir": "cannot create directory",
+    }
     msg = f"{msgs[verb]} '{target}'" if msgs[verb] else target
     lines = [sh.prompt(f"{verb} {target}"), _out(f"{verb}: {msg}: Permission denied", "err")]
     q = rng.choice(("Why did this command fail?", "Why am I getting permission denied?"))
-    a = (f"Your user '{sh.user}' isn't allowed to {verb} {target}, which belongs to root. "
-         f"Rerun it as `sudo {verb} {target}` if you really mean to.")
+    a = (
+        f"Your user '{sh.user}' isn't allowed to {verb} {target}, which belongs to root. "
+        f"Rerun it as `sudo {verb} {target}` if you really mean to."
+    )
     return lines, q, a
 
 
 def _term_not_found(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str]:
-    typo, real, args = rng.choice((
-        ("gti", "git", "status"), ("pyhton", "python", "app.py"), ("sl", "ls", "-la"),
-        ("dokcer", "docker", "ps"), ("nmp", "npm", "install"), ("grpe", "grep", "-r TODO ."),
-    ))
+    typo, real, args = rng.choice(
+        (
+            ("gti", "git", "status"),
+            ("pyhton", "python", "app.py"),
+            ("sl", "ls", "-la"),
+            ("dokcer", "docker", "ps"),
+            ("nmp", "npm", "install"),
+            ("grpe", "grep", "-r TODO ."),
+        )
+    )
     lines = [sh.prompt(f"{typo} {args}"), _out(f"bash: {typo}: command not found", "err")]
     q = rng.choice(("Why did this command fail?", "What's wrong with what I typed?"))
-    a = (f"'{typo}' isn't an installed command; it looks like a typo for `{real}`, so try "
-         f"`{real} {args}`.")
+    a = (
+        f"'{typo}' isn't an installed command; it looks like a typo for `{real}`, so try "
+        f"`{real} {args}`."
+    )
     return lines, q, a
 
 
 def _term_git_status(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str]:
-    pool = ["src/app.py", "src/utils.py", "README.md", "tests/test_api.py", "setup.cfg",
-            "docs/index.md", "src/models.py", "Makefile"]
+    pool = [
+        "src/app.py",
+        "src/utils.py",
+        "README.md",
+        "tests/test_api.py",
+        "setup.cfg",
+        "docs/index.md",
+        "src/models.py",
+        "Makefile",
+    ]
     changed = rng.sample(pool, rng.randint(1, 4))
     untracked = rng.sample(["notes.txt", "scratch.py", "data/", "out.log"], rng.randint(0, 2))
     branch = rng.choice(("main", "dev", "feature/login", "fix/parser"))
-    lines = [sh.prompt("git status"), _out(f"On branch {branch}"),
-             _out("Changes not staged for commit:")]
+    lines = [
+        sh.prompt("git status"),
+        _out(f"On branch {branch}"),
+        _out("Changes not staged for commit:"),
+    ]
     lines += [_out(f"        modified:   {f}", "err") for f in changed]
     if untracked:
         lines.append(_out("Untracked files:"))
@@ -819,10 +1045,13 @@ def _term_disk(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str]:
     pct = rng.randint(20, 99)
     used = round(size * pct / 100)
     avail = size - used
-    lines = [sh.prompt("df -h"), _out("Filesystem      Size  Used Avail Use% Mounted on"),
-             _out(f"/dev/nvme0n1p2  {size}G  {used}G  {avail}G  {pct}% /"),
-             _out("tmpfs           7.8G     0  7.8G   0% /dev/shm"),
-             _out(f"/dev/sdb1       2.0T  {rng.randint(1, 19) / 10}T  1.1T  46% /data")]
+    lines = [
+        sh.prompt("df -h"),
+        _out("Filesystem      Size  Used Avail Use% Mounted on"),
+        _out(f"/dev/nvme0n1p2  {size}G  {used}G  {avail}G  {pct}% /"),
+        _out("tmpfs           7.8G     0  7.8G   0% /dev/shm"),
+        _out(f"/dev/sdb1       2.0T  {rng.randint(1, 19) / 10}T  1.1T  46% /data"),
+    ]
     q = rng.choice(("How much disk space do I have left?", "Is my disk almost full?"))
     tail = " That's getting tight." if pct >= 90 else ""
     a = f"The root filesystem has {avail}G free out of {size}G ({pct}% used).{tail}"
@@ -830,8 +1059,20 @@ def _term_disk(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str]:
 
 
 def _term_ls(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str]:
-    names = rng.sample(["data.csv", "model.bin", "report.pdf", "notes.txt", "backup.tar.gz",
-                        "photo.jpg", "run.sh", "config.yaml", "video.mp4"], rng.randint(3, 6))
+    names = rng.sample(
+        [
+            "data.csv",
+            "model.bin",
+            "report.pdf",
+            "notes.txt",
+            "backup.tar.gz",
+            "photo.jpg",
+            "run.sh",
+            "config.yaml",
+            "video.mp4",
+        ],
+        rng.randint(3, 6),
+    )
     sizes = rng.sample(range(1, 900), len(names))
     units = [rng.choice(("K", "M")) for _ in names]
     lines = [sh.prompt("ls -lh"), _out(f"total {rng.randint(10, 900)}M")]
@@ -840,8 +1081,10 @@ def _term_ls(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str]:
         lines.append(_out(f"-rw-r--r-- 1 {sh.user} {sh.user} {size:>4}{unit} Mar {day:>2} {name}"))
     big = max(range(len(names)), key=lambda k: (units[k] == "M", sizes[k]))
     q = rng.choice(("What's the biggest file in this folder?", "Which file takes the most space?"))
-    a = (f"{names[big]} is the largest at {sizes[big]}{units[big]}, out of {len(names)} files "
-         "listed.")
+    a = (
+        f"{names[big]} is the largest at {sizes[big]}{units[big]}, out of {len(names)} files "
+        "listed."
+    )
     return lines, q, a
 
 
@@ -850,18 +1093,26 @@ def _term_ping(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str]:
     got = rng.choice((4, 4, 3, 0))
     lines = [sh.prompt(f"ping -c 4 {host}")]
     times = [round(rng.uniform(5, 80), 1) for _ in range(got)]
-    lines += [_out(f"64 bytes from {host}: icmp_seq={k + 1} ttl=117 time={t} ms")
-              for k, t in enumerate(times)]
+    lines += [
+        _out(f"64 bytes from {host}: icmp_seq={k + 1} ttl=117 time={t} ms")
+        for k, t in enumerate(times)
+    ]
     loss = (4 - got) * 25
-    lines += [_out(f"--- {host} ping statistics ---"),
-              _out(f"4 packets transmitted, {got} received, {loss}% packet loss",
-                   "err" if loss else "ok")]
+    lines += [
+        _out(f"--- {host} ping statistics ---"),
+        _out(
+            f"4 packets transmitted, {got} received, {loss}% packet loss", "err" if loss else "ok"
+        ),
+    ]
     q = rng.choice(("Is my network connection working?", f"Can I reach {host}?"))
     if got == 0:
         return lines, q, f"No: all 4 pings to {host} were lost, so that host is unreachable."
     avg = sum(times) / got
-    return lines, q, (f"Yes, {got} of 4 pings to {host} came back ({loss}% loss), "
-                      f"averaging {avg:.1f} ms.")
+    return (
+        lines,
+        q,
+        (f"Yes, {got} of 4 pings to {host} came back ({loss}% loss), averaging {avg:.1f} ms."),
+    )
 
 
 def _term_pytest(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str]:
@@ -869,29 +1120,44 @@ def _term_pytest(rng: random.Random, sh: _Shell) -> tuple[list[_TLine], str, str
     mod = rng.choice(("tests/test_utils.py", "tests/test_api.py", "tests/test_models.py"))
     passed = rng.randint(3, 60)
     got, want = rng.sample(range(1, 100), 2)
-    lines = [sh.prompt("pytest -q"), _out("." * min(passed, 40) + "F", "ok"),
-             _out(f"FAILED {mod}::{test} - assert {got} == {want}", "err"),
-             _out(f"1 failed, {passed} passed in {rng.uniform(0.3, 9):.2f}s", "err")]
+    lines = [
+        sh.prompt("pytest -q"),
+        _out("." * min(passed, 40) + "F", "ok"),
+        _out(f"FAILED {mod}::{test} - assert {got} == {want}", "err"),
+        _out(f"1 failed, {passed} passed in {rng.uniform(0.3, 9):.2f}s", "err"),
+    ]
     q = rng.choice(("Which test failed?", "Why is the test run red?"))
-    a = (f"Only {test} in {mod} failed: it asserted {got} == {want}. "
-         f"The other {passed} tests passed.")
+    a = (
+        f"Only {test} in {mod} failed: it asserted {got} == {want}. "
+        f"The other {passed} tests passed."
+    )
     return lines, q, a
 
 
 _TERM_SCENARIOS: tuple[_TermScenario, ...] = (
-    _term_missing_module, _term_permission, _term_not_found, _term_git_status, _term_disk,
-    _term_ls, _term_ping, _term_pytest,
+    _term_missing_module,
+    _term_permission,
+    _term_not_found,
+    _term_git_status,
+    _term_disk,
+    _term_ls,
+    _term_ping,
+    _term_pytest,
 )
 
 
 def _term_filler(rng: random.Random, sh: _Shell, n: int) -> list[_TLine]:
     cmds: list[tuple[str, list[str]]] = [
-        (f"cd ~/{sh.proj}", []), ("ls", ["README.md  src  tests  setup.py  Makefile"]),
-        ("whoami", [sh.user]), ("pwd", [f"/home/{sh.user}/{sh.proj}"]),
+        (f"cd ~/{sh.proj}", []),
+        ("ls", ["README.md  src  tests  setup.py  Makefile"]),
+        ("whoami", [sh.user]),
+        ("pwd", [f"/home/{sh.user}/{sh.proj}"]),
         ("date", [f"Tue Mar {rng.randint(1, 28)} 10:41:07 UTC 2024"]),
-        ("git pull", ["Already up to date."]), ("python --version", ["Python 3.11.6"]),
+        ("git pull", ["Already up to date."]),
+        ("python --version", ["Python 3.11.6"]),
         ("uptime", [" 10:41:07 up 3 days,  2:14,  1 user,  load average: 0.42, 0.38, 0.35"]),
-        ("echo $SHELL", ["/bin/bash"]), ("nproc", [str(rng.choice((4, 8, 16)))]),
+        ("echo $SHELL", ["/bin/bash"]),
+        ("nproc", [str(rng.choice((4, 8, 16)))]),
         ("free -h", ["              total   used   free", "Mem:           15Gi  6.1Gi  4.2Gi"]),
     ]
     lines: list[_TLine] = []
@@ -899,7 +1165,7 @@ def _term_filler(rng: random.Random, sh: _Shell, n: int) -> list[_TLine]:
         cmd, outs = rng.choice(cmds)
         lines.append(sh.prompt(cmd))
         lines += [_out(o) for o in outs]
-    return lines[len(lines) - n:] if n else []
+    return lines[len(lines) - n :] if n else []
 
 
 def _render_terminal(ctx: _Ctx, box: Box) -> tuple[str, str]:
@@ -908,9 +1174,11 @@ def _render_terminal(ctx: _Ctx, box: Box) -> tuple[str, str]:
     bg = _jit(rng.choice(((8, 8, 8), (0, 0, 0), (12, 12, 12), (4, 10, 4))), rng, 4)
     d.rectangle(box, fill=bg)
     title_h = round(s * rng.uniform(1.6, 2.1))
-    sh = _Shell(rng.choice(("alice", "bob", "dev", "sam", "root", "kim")),
-                rng.choice(("laptop", "box", "ubuntu", "devbox", "mbp")),
-                rng.choice(("api", "webapp", "ml", "scripts", "blog")))
+    sh = _Shell(
+        rng.choice(("alice", "bob", "dev", "sam", "root", "kim")),
+        rng.choice(("laptop", "box", "ubuntu", "devbox", "mbp")),
+        rng.choice(("api", "webapp", "ml", "scripts", "blog")),
+    )
     _term_titlebar(ctx, (x0, y0, x1, y0 + title_h), f"{sh.user}@{sh.host}: ~/{sh.proj}")
     lines, q, a = rng.choice(_TERM_SCENARIOS)(rng, sh)
     line_h = round(s * rng.uniform(1.25, 1.45))
@@ -940,16 +1208,19 @@ def _term_wrap(lines: list[_TLine], font: _Font, maxw: float) -> list[_TLine]:
             continue
         text, role = line[0]
         n = max(8, int(len(text) * maxw / width))
-        out += [((text[k:k + n], role),) for k in range(0, len(text), n)]
+        out += [((text[k : k + n], role),) for k in range(0, len(text), n)]
     return out
 
 
 def _term_palette(rng: random.Random) -> dict[str, Color]:
     fg = rng.choice(((204, 204, 204), (229, 229, 229), (80, 250, 123), (255, 176, 0)))
-    return {"fg": _jit(fg, rng, 8), "prompt": _jit(rng.choice(((138, 226, 52), (80, 250, 123),
-                                                                (95, 215, 95))), rng, 8),
-            "path": _jit((114, 159, 207), rng, 10), "err": _jit((240, 80, 80), rng, 10),
-            "ok": _jit((90, 220, 110), rng, 10)}
+    return {
+        "fg": _jit(fg, rng, 8),
+        "prompt": _jit(rng.choice(((138, 226, 52), (80, 250, 123), (95, 215, 95))), rng, 8),
+        "path": _jit((114, 159, 207), rng, 10),
+        "err": _jit((240, 80, 80), rng, 10),
+        "ok": _jit((90, 220, 110), rng, 10),
+    }
 
 
 def _term_titlebar(ctx: _Ctx, box: Box, title: str) -> None:
@@ -962,49 +1233,105 @@ def _term_titlebar(ctx: _Ctx, box: Box, title: str) -> None:
     for k, col in enumerate(((255, 95, 86), (255, 189, 46), (39, 201, 63))):
         cx = x0 + s * (1.0 + k * 1.3)
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=col)
-    ctx.text(((x0 + x1) / 2, cy), title, (60, 60, 60) if light else (200, 200, 200), 0.85,
-             maxw=x1 - x0 - s * 10, anchor="mm")
+    ctx.text(
+        ((x0 + x1) / 2, cy),
+        title,
+        (60, 60, 60) if light else (200, 200, 200),
+        0.85,
+        maxw=x1 - x0 - s * 10,
+        anchor="mm",
+    )
 
 
 # --------------------------------------------------------------------------- email
 
 _MAIL_ACCENTS: tuple[Color, ...] = ((219, 68, 55), (234, 88, 12), (200, 40, 60), (214, 69, 35))
 _SENDERS = (
-    "Ana Silva", "Ben Carter", "Chloe Wu", "David Okafor", "Elena Petrova", "Farid Haddad",
-    "Grace Lee", "Hugo Martin", "Isla Brown", "Jonas Berg", "Kenji Sato", "Lucia Romero",
-    "Maya Patel", "Noah Fischer", "Olivia Chen", "Priya Nair", "Tom Walsh", "Zoe Adams",
+    "Ana Silva",
+    "Ben Carter",
+    "Chloe Wu",
+    "David Okafor",
+    "Elena Petrova",
+    "Farid Haddad",
+    "Grace Lee",
+    "Hugo Martin",
+    "Isla Brown",
+    "Jonas Berg",
+    "Kenji Sato",
+    "Lucia Romero",
+    "Maya Patel",
+    "Noah Fischer",
+    "Olivia Chen",
+    "Priya Nair",
+    "Tom Walsh",
+    "Zoe Adams",
 )
 # (subject, body, summary of the request)
 _MAILS = (
-    ("Budget review", "Hi, can we move the budget review to Friday at 3 pm? Finance needs one "
-     "more day to close the numbers.", "wants to move the budget review to Friday at 3 pm "
-     "because finance needs one more day"),
-    ("Offsite venue", "We found two venues for the offsite. The lake house is cheaper but the "
-     "city loft is easier to reach. Please vote by Wednesday.", "asks you to vote between the "
-     "lake house and the city loft for the offsite by Wednesday"),
-    ("Invoice #4821", "Attached is invoice #4821 for March. Payment is due within 30 days.",
-     "sent invoice #4821 for March, due within 30 days"),
-    ("Lunch tomorrow?", "Are you free for lunch tomorrow around 12:30? The new ramen place "
-     "opened.", "is inviting you to lunch tomorrow around 12:30 at the new ramen place"),
-    ("Server maintenance", "The build servers will be down Saturday from 02:00 to 06:00 for "
-     "upgrades. Save your work before then.", "warns that the build servers are down on "
-     "Saturday from 02:00 to 06:00"),
-    ("Your order shipped", "Good news: your order #77812 has shipped and should arrive on "
-     "Thursday.", "confirms order #77812 shipped and should arrive on Thursday"),
-    ("Draft slides", "Here are the draft slides for the board meeting. Could you check the "
-     "revenue chart on page 4?", "wants you to check the revenue chart on page 4 of the draft "
-     "slides"),
-    ("Welcome aboard", "Welcome to the team! Your first day starts at 9:00 at reception on "
-     "floor 2.", "welcomes you and says your first day starts at 9:00 at reception on floor 2"),
-    ("Password reset", "A password reset was requested for your account. If this wasn't you, "
-     "ignore this message.", "reports a password reset request and says to ignore it if it "
-     "wasn't you"),
-    ("Trip itinerary", "Your flight leaves at 07:45 from gate B12. Hotel check-in is after "
-     "15:00.", "shares the itinerary: the flight leaves at 07:45 from gate B12"),
-    ("Quarterly results", "Revenue grew 12% this quarter. Full results are in the shared "
-     "folder.", "reports that revenue grew 12% this quarter"),
-    ("Missing receipt", "I still need the receipt for the taxi on the 14th to close your "
-     "expense report.", "needs the taxi receipt from the 14th to close your expense report"),
+    (
+        "Budget review",
+        "Hi, can we move the budget review to Friday at 3 pm? Finance needs one "
+        "more day to close the numbers.",
+        "wants to move the budget review to Friday at 3 pm because finance needs one more day",
+    ),
+    (
+        "Offsite venue",
+        "We found two venues for the offsite. The lake house is cheaper but the "
+        "city loft is easier to reach. Please vote by Wednesday.",
+        "asks you to vote between the lake house and the city loft for the offsite by Wednesday",
+    ),
+    (
+        "Invoice #4821",
+        "Attached is invoice #4821 for March. Payment is due within 30 days.",
+        "sent invoice #4821 for March, due within 30 days",
+    ),
+    (
+        "Lunch tomorrow?",
+        "Are you free for lunch tomorrow around 12:30? The new ramen place opened.",
+        "is inviting you to lunch tomorrow around 12:30 at the new ramen place",
+    ),
+    (
+        "Server maintenance",
+        "The build servers will be down Saturday from 02:00 to 06:00 for "
+        "upgrades. Save your work before then.",
+        "warns that the build servers are down on Saturday from 02:00 to 06:00",
+    ),
+    (
+        "Your order shipped",
+        "Good news: your order #77812 has shipped and should arrive on Thursday.",
+        "confirms order #77812 shipped and should arrive on Thursday",
+    ),
+    (
+        "Draft slides",
+        "Here are the draft slides for the board meeting. Could you check the "
+        "revenue chart on page 4?",
+        "wants you to check the revenue chart on page 4 of the draft slides",
+    ),
+    (
+        "Welcome aboard",
+        "Welcome to the team! Your first day starts at 9:00 at reception on floor 2.",
+        "welcomes you and says your first day starts at 9:00 at reception on floor 2",
+    ),
+    (
+        "Password reset",
+        "A password reset was requested for your account. If this wasn't you, ignore this message.",
+        "reports a password reset request and says to ignore it if it wasn't you",
+    ),
+    (
+        "Trip itinerary",
+        "Your flight leaves at 07:45 from gate B12. Hotel check-in is after 15:00.",
+        "shares the itinerary: the flight leaves at 07:45 from gate B12",
+    ),
+    (
+        "Quarterly results",
+        "Revenue grew 12% this quarter. Full results are in the shared folder.",
+        "reports that revenue grew 12% this quarter",
+    ),
+    (
+        "Missing receipt",
+        "I still need the receipt for the taxi on the 14th to close your expense report.",
+        "needs the taxi receipt from the 14th to close your expense report",
+    ),
 )
 _FOLDERS = ("Inbox", "Starred", "Snoozed", "Sent", "Drafts", "Spam", "Trash")
 
@@ -1036,8 +1363,13 @@ def _render_email(ctx: _Ctx, box: Box) -> tuple[str, str]:
     _mail_folders(ctx, (x0, y0 + top_h, x0 + side_w, y1), accent, sum(m.unread for m in mails))
     lx = x0 + side_w
     for i, m in enumerate(mails):
-        _mail_row(ctx, (lx, y0 + top_h + i * row_h, lx + list_w, y0 + top_h + (i + 1) * row_h), m,
-                  accent, i == sel)
+        _mail_row(
+            ctx,
+            (lx, y0 + top_h + i * row_h, lx + list_w, y0 + top_h + (i + 1) * row_h),
+            m,
+            accent,
+            i == sel,
+        )
     d.line((lx + list_w, y0 + top_h, lx + list_w, y1), fill=(220, 220, 220))
     _mail_reader(ctx, (lx + list_w, y0 + top_h, x1, y1), mails[sel], accent)
     return _mail_qa(rng, mails, sel)
@@ -1054,8 +1386,9 @@ def _mail_list(rng: random.Random, n: int) -> list[_Mail]:
             minutes -= rng.randint(5, 120)
         else:
             when = f"Mar {rng.randint(1, 20)}"
-        mails.append(_Mail(senders[i % len(senders)], subj, body, summary, when,
-                           rng.random() < 0.35))
+        mails.append(
+            _Mail(senders[i % len(senders)], subj, body, summary, when, rng.random() < 0.35)
+        )
     return mails
 
 
@@ -1067,8 +1400,9 @@ def _mail_topbar(ctx: _Ctx, box: Box, accent: Color) -> None:
     ctx.text((x0 + s, cy), "Mail", _WHITE, 1.3, bold=True)
     sx0, sx1 = x0 + s * 6, min(x1 - s * 4, x0 + (x1 - x0) * 0.6)
     if sx1 > sx0 + s * 4:
-        d.rounded_rectangle((sx0, cy - s * 0.95, sx1, cy + s * 0.95), radius=s // 2,
-                            fill=_mix(accent, _WHITE, 0.8))
+        d.rounded_rectangle(
+            (sx0, cy - s * 0.95, sx1, cy + s * 0.95), radius=s // 2, fill=_mix(accent, _WHITE, 0.8)
+        )
         ctx.text((sx0 + s, cy), "Search mail", (110, 80, 80), 0.9, maxw=sx1 - sx0 - 2 * s)
     d.ellipse((x1 - s * 2.4, cy - s * 0.8, x1 - s * 0.8, cy + s * 0.8), fill=(70, 130, 180))
 
@@ -1079,18 +1413,26 @@ def _mail_folders(ctx: _Ctx, box: Box, accent: Color, unread: int) -> None:
     d.rectangle(box, fill=_mix(accent, _WHITE, rng.uniform(0.6, 0.72)))
     pad = s * 0.6
     d.rounded_rectangle((x0 + pad, y0 + s, x1 - pad, y0 + s * 3.2), radius=s, fill=accent)
-    ctx.text((x0 + pad + s * 0.6, y0 + s * 2.1), "Compose", _WHITE, 0.9, maxw=x1 - x0 - 2 * pad - s,
-             bold=True)
+    ctx.text(
+        (x0 + pad + s * 0.6, y0 + s * 2.1),
+        "Compose",
+        _WHITE,
+        0.9,
+        maxw=x1 - x0 - 2 * pad - s,
+        bold=True,
+    )
     y = y0 + s * 4.6
     for k, name in enumerate(_FOLDERS):
         if y > y1 - s:
             break
         if k == 0:
-            d.rounded_rectangle((x0, y - s * 0.8, x1 - pad, y + s * 0.8), radius=s // 2,
-                                fill=_mix(accent, _WHITE, 0.9))
+            d.rounded_rectangle(
+                (x0, y - s * 0.8, x1 - pad, y + s * 0.8),
+                radius=s // 2,
+                fill=_mix(accent, _WHITE, 0.9),
+            )
         label = f"{name} ({unread})" if k == 0 and unread else name
-        ctx.text((x0 + pad * 2, y), label, (50, 40, 40), 0.85, maxw=x1 - x0 - pad * 3,
-                 bold=k == 0)
+        ctx.text((x0 + pad * 2, y), label, (50, 40, 40), 0.85, maxw=x1 - x0 - pad * 3, bold=k == 0)
         y += s * 1.9
 
 
@@ -1103,15 +1445,26 @@ def _mail_row(ctx: _Ctx, box: Box, m: _Mail, accent: Color, selected: bool) -> N
     h = y1 - y0
     if m.unread:
         r = s * 0.3
-        d.ellipse((x0 + s * 0.5 - r, y0 + h * 0.33 - r, x0 + s * 0.5 + r, y0 + h * 0.33 + r),
-                  fill=accent)
+        d.ellipse(
+            (x0 + s * 0.5 - r, y0 + h * 0.33 - r, x0 + s * 0.5 + r, y0 + h * 0.33 + r), fill=accent
+        )
     tw = ctx.font(0.75).getlength(m.time)
-    ctx.text((x1 - s * 0.5, y0 + h * 0.33), m.time, accent if m.unread else (110, 110, 110), 0.75,
-             anchor="rm")
-    ctx.text((x0 + s * 1.2, y0 + h * 0.33), m.sender, (20, 20, 20), 0.9,
-             maxw=x1 - x0 - s * 2.4 - tw, bold=m.unread)
-    ctx.text((x0 + s * 1.2, y0 + h * 0.7), m.subject, (100, 100, 100), 0.8,
-             maxw=x1 - x0 - s * 1.8)
+    ctx.text(
+        (x1 - s * 0.5, y0 + h * 0.33),
+        m.time,
+        accent if m.unread else (110, 110, 110),
+        0.75,
+        anchor="rm",
+    )
+    ctx.text(
+        (x0 + s * 1.2, y0 + h * 0.33),
+        m.sender,
+        (20, 20, 20),
+        0.9,
+        maxw=x1 - x0 - s * 2.4 - tw,
+        bold=m.unread,
+    )
+    ctx.text((x0 + s * 1.2, y0 + h * 0.7), m.subject, (100, 100, 100), 0.8, maxw=x1 - x0 - s * 1.8)
 
 
 def _mail_reader(ctx: _Ctx, box: Box, m: _Mail, accent: Color) -> None:
@@ -1120,14 +1473,21 @@ def _mail_reader(ctx: _Ctx, box: Box, m: _Mail, accent: Color) -> None:
     pad = s * 1.5
     if x1 - x0 < s * 8:
         return
-    ctx.text((x0 + pad, y0 + s * 2), m.subject, (20, 20, 20), 1.35, maxw=x1 - x0 - 2 * pad,
-             bold=True)
+    ctx.text(
+        (x0 + pad, y0 + s * 2), m.subject, (20, 20, 20), 1.35, maxw=x1 - x0 - 2 * pad, bold=True
+    )
     cy = y0 + s * 4.6
     r = s * 1.1
     d.ellipse((x0 + pad, cy - r, x0 + pad + 2 * r, cy + r), fill=_mix(accent, (60, 60, 160), 0.5))
     ctx.text((x0 + pad + r, cy), m.sender[0], _WHITE, 1.0, anchor="mm")
-    ctx.text((x0 + pad + 2.6 * r, cy - s * 0.5), m.sender, (30, 30, 30), 0.9,
-             maxw=x1 - x0 - 2 * pad - 3 * r, bold=True)
+    ctx.text(
+        (x0 + pad + 2.6 * r, cy - s * 0.5),
+        m.sender,
+        (30, 30, 30),
+        0.9,
+        maxw=x1 - x0 - 2 * pad - 3 * r,
+        bold=True,
+    )
     ctx.text((x0 + pad + 2.6 * r, cy + s * 0.6), f"to me  {m.time}", (120, 120, 120), 0.75)
     font = ctx.font(0.9)
     y = cy + s * 2.6
@@ -1139,8 +1499,9 @@ def _mail_reader(ctx: _Ctx, box: Box, m: _Mail, accent: Color) -> None:
     y = min(y + s, y1 - s * 2.6)
     for label in ("Reply", "Forward"):
         bw = font.getlength(label) + s * 2
-        d.rounded_rectangle((x0 + pad, y, x0 + pad + bw, y + s * 2), radius=s,
-                            outline=(180, 180, 180))
+        d.rounded_rectangle(
+            (x0 + pad, y, x0 + pad + bw, y + s * 2), radius=s, outline=(180, 180, 180)
+        )
         ctx.text((x0 + pad + s, y + s), label, (60, 60, 60), 0.9)
         pad += bw + s
 
@@ -1149,8 +1510,13 @@ def _mail_qa(rng: random.Random, mails: list[_Mail], sel: int) -> tuple[str, str
     kind = rng.choice(("unread", "open", "who", "from"))
     m = mails[sel]
     if kind == "open":
-        q = rng.choice(("What does the open message say?", "Summarize the message I have open.",
-                        f"What is {m.sender.split()[0]} asking for?"))
+        q = rng.choice(
+            (
+                "What does the open message say?",
+                "Summarize the message I have open.",
+                f"What is {m.sender.split()[0]} asking for?",
+            )
+        )
         return q, f"{m.sender} ({m.subject}, {m.time}) {m.summary}."
     if kind == "unread":
         unread = [x.sender for x in mails if x.unread]
@@ -1160,8 +1526,9 @@ def _mail_qa(rng: random.Random, mails: list[_Mail], sel: int) -> tuple[str, str
         return q, f"You have {len(unread)} unread: from {_join(unread)}."
     if kind == "who":
         pick = rng.choice(mails)
-        q = rng.choice((f"Who sent me the message about '{pick.subject}'?",
-                        f"Who wrote '{pick.subject}'?"))
+        q = rng.choice(
+            (f"Who sent me the message about '{pick.subject}'?", f"Who wrote '{pick.subject}'?")
+        )
         who = [x for x in mails if x.subject == pick.subject]
         return q, "That came from " + _join([f"{x.sender} ({x.time})" for x in who]) + "."
     name = rng.choice(mails).sender if rng.random() < 0.7 else rng.choice(_SENDERS)
@@ -1191,21 +1558,93 @@ class _Theme:
 
 
 _THEMES = (
-    _Theme((40, 44, 52), (52, 58, 70), (33, 37, 43), (171, 178, 191), (198, 120, 221),
-           (97, 175, 239), (152, 195, 121), (92, 99, 112), (209, 154, 102), (64, 120, 242)),
-    _Theme((14, 34, 56), (26, 54, 84), (9, 26, 44), (214, 222, 235), (199, 146, 234),
-           (130, 170, 255), (236, 196, 141), (99, 119, 119), (247, 140, 108), (122, 40, 160)),
-    _Theme((40, 42, 54), (54, 57, 74), (33, 34, 44), (248, 248, 242), (255, 121, 198),
-           (80, 250, 123), (241, 250, 140), (98, 114, 164), (189, 147, 249), (98, 60, 180)),
-    _Theme((31, 36, 48), (45, 52, 70), (26, 30, 40), (212, 212, 212), (197, 134, 192),
-           (220, 220, 170), (206, 145, 120), (106, 153, 85), (181, 206, 168), (0, 122, 204)),
-    _Theme((46, 52, 64), (59, 66, 82), (40, 45, 56), (216, 222, 233), (129, 161, 193),
-           (136, 192, 208), (163, 190, 140), (97, 110, 136), (180, 142, 173), (94, 129, 172)),
+    _Theme(
+        (40, 44, 52),
+        (52, 58, 70),
+        (33, 37, 43),
+        (171, 178, 191),
+        (198, 120, 221),
+        (97, 175, 239),
+        (152, 195, 121),
+        (92, 99, 112),
+        (209, 154, 102),
+        (64, 120, 242),
+    ),
+    _Theme(
+        (14, 34, 56),
+        (26, 54, 84),
+        (9, 26, 44),
+        (214, 222, 235),
+        (199, 146, 234),
+        (130, 170, 255),
+        (236, 196, 141),
+        (99, 119, 119),
+        (247, 140, 108),
+        (122, 40, 160),
+    ),
+    _Theme(
+        (40, 42, 54),
+        (54, 57, 74),
+        (33, 34, 44),
+        (248, 248, 242),
+        (255, 121, 198),
+        (80, 250, 123),
+        (241, 250, 140),
+        (98, 114, 164),
+        (189, 147, 249),
+        (98, 60, 180),
+    ),
+    _Theme(
+        (31, 36, 48),
+        (45, 52, 70),
+        (26, 30, 40),
+        (212, 212, 212),
+        (197, 134, 192),
+        (220, 220, 170),
+        (206, 145, 120),
+        (106, 153, 85),
+        (181, 206, 168),
+        (0, 122, 204),
+    ),
+    _Theme(
+        (46, 52, 64),
+        (59, 66, 82),
+        (40, 45, 56),
+        (216, 222, 233),
+        (129, 161, 193),
+        (136, 192, 208),
+        (163, 190, 140),
+        (97, 110, 136),
+        (180, 142, 173),
+        (94, 129, 172),
+    ),
 )
-_KEYWORDS = frozenset((
-    "def", "return", "for", "in", "if", "else", "import", "from", "class", "while", "not",
-    "and", "or", "None", "True", "False", "with", "as", "try", "except", "raise", "yield",
-))
+_KEYWORDS = frozenset(
+    (
+        "def",
+        "return",
+        "for",
+        "in",
+        "if",
+        "else",
+        "import",
+        "from",
+        "class",
+        "while",
+        "not",
+        "and",
+        "or",
+        "None",
+        "True",
+        "False",
+        "with",
+        "as",
+        "try",
+        "except",
+        "raise",
+        "yield",
+    )
+)
 _TOKEN_RE = re.compile(
     r"(?P<cm>#.*)|(?P<st>f?'[^']*'|\"[^\"]*\")|(?P<num>\b\d+(?:\.\d+)?\b)"
     r"|(?P<id>[A-Za-z_]\w*)|(?P<ws>\s+)|(?P<op>.)"
@@ -1223,45 +1662,109 @@ class _Func:
 
 
 _FUNCS = (
-    _Func("total_price", "items", ("total = 0", "for item in items:",
-                                   "    total += item.price * item.qty", "return total"),
-          "adds price times quantity for every item and returns the grand total", "total"),
-    _Func("is_palindrome", "text", ("cleaned = text.lower().replace(' ', '')",
-                                    "return cleaned == cleaned[::-1]"),
-          "lower-cases the text, drops spaces and checks whether it reads the same backwards",
-          ""),
-    _Func("load_config", "path", ("with open(path) as fh:", "    data = json.load(fh)",
-                                  "return data"),
-          "opens the file at path, parses it as JSON and returns the result", "data", ("json",)),
-    _Func("average", "values", ("if not values:", "    return 0.0",
-                                "result = sum(values) / len(values)", "return result"),
-          "returns the arithmetic mean of values, or 0.0 for an empty list", "result"),
-    _Func("word_counts", "text", ("counts = {}", "for word in text.split():",
-                                  "    counts[word] = counts.get(word, 0) + 1", "return counts"),
-          "counts how often each whitespace-separated word occurs and returns a dict", "counts"),
-    _Func("clamp", "x, lo, hi", ("return max(lo, min(x, hi))",),
-          "limits x to the range lo..hi", ""),
-    _Func("fetch_user", "user_id", ("url = f'{API}/users/{user_id}'",
-                                    "resp = requests.get(url, timeout=5)",
-                                    "resp.raise_for_status()", "return resp.json()"),
-          "GETs /users/<id> from the API with a 5 s timeout, raises on HTTP errors and returns "
-          "the decoded JSON", "", ("requests",)),
-    _Func("chunks", "items, size", ("for start in range(0, len(items), size):",
-                                    "    yield items[start:start + size]"),
-          "yields consecutive slices of items, each at most size long", ""),
-    _Func("slugify", "title", ("slug = re.sub(r'[^a-z0-9]+', '-', title.lower())",
-                               "return slug.strip('-')"),
-          "turns a title into a lowercase, dash-separated slug", "", ("re",)),
-    _Func("retry", "fn, attempts=3", ("for attempt in range(attempts):", "    try:",
-                                      "        return fn()", "    except OSError:",
-                                      "        time.sleep(2 ** attempt)",
-                                      "raise RuntimeError('gave up')"),
-          "calls fn up to three times, backing off 1, 2 and 4 s after OSErrors, then gives up "
-          "with RuntimeError", "", ("time",)),
-    _Func("to_fahrenheit", "celsius", ("result = celsius * 9 / 5 + 32", "return result"),
-          "converts a temperature from Celsius to Fahrenheit", "result"),
-    _Func("flatten", "rows", ("out = []", "for row in rows:", "    out.extend(row)", "return out"),
-          "concatenates a list of lists into one flat list", "out"),
+    _Func(
+        "total_price",
+        "items",
+        ("total = 0", "for item in items:", "    total += item.price * item.qty", "return total"),
+        "adds price times quantity for every item and returns the grand total",
+        "total",
+    ),
+    _Func(
+        "is_palindrome",
+        "text",
+        ("cleaned = text.lower().replace(' ', '')", "return cleaned == cleaned[::-1]"),
+        "lower-cases the text, drops spaces and checks whether it reads the same backwards",
+        "",
+    ),
+    _Func(
+        "load_config",
+        "path",
+        ("with open(path) as fh:", "    data = json.load(fh)", "return data"),
+        "opens the file at path, parses it as JSON and returns the result",
+        "data",
+        ("json",),
+    ),
+    _Func(
+        "average",
+        "values",
+        ("if not values:", "    return 0.0", "result = sum(values) / len(values)", "return result"),
+        "returns the arithmetic mean of values, or 0.0 for an empty list",
+        "result",
+    ),
+    _Func(
+        "word_counts",
+        "text",
+        (
+            "counts = {}",
+            "for word in text.split():",
+            "    counts[word] = counts.get(word, 0) + 1",
+            "return counts",
+        ),
+        "counts how often each whitespace-separated word occurs and returns a dict",
+        "counts",
+    ),
+    _Func(
+        "clamp", "x, lo, hi", ("return max(lo, min(x, hi))",), "limits x to the range lo..hi", ""
+    ),
+    _Func(
+        "fetch_user",
+        "user_id",
+        (
+            "url = f'{API}/users/{user_id}'",
+            "resp = requests.get(url, timeout=5)",
+            "resp.raise_for_status()",
+            "return resp.json()",
+        ),
+        "GETs /users/<id> from the API with a 5 s timeout, raises on HTTP errors and returns "
+        "the decoded JSON",
+        "",
+        ("requests",),
+    ),
+    _Func(
+        "chunks",
+        "items, size",
+        ("for start in range(0, len(items), size):", "    yield items[start:start + size]"),
+        "yields consecutive slices of items, each at most size long",
+        "",
+    ),
+    _Func(
+        "slugify",
+        "title",
+        ("slug = re.sub(r'[^a-z0-9]+', '-', title.lower())", "return slug.strip('-')"),
+        "turns a title into a lowercase, dash-separated slug",
+        "",
+        ("re",),
+    ),
+    _Func(
+        "retry",
+        "fn, attempts=3",
+        (
+            "for attempt in range(attempts):",
+            "    try:",
+            "        return fn()",
+            "    except OSError:",
+            "        time.sleep(2 ** attempt)",
+            "raise RuntimeError('gave up')",
+        ),
+        "calls fn up to three times, backing off 1, 2 and 4 s after OSErrors, then gives up "
+        "with RuntimeError",
+        "",
+        ("time",),
+    ),
+    _Func(
+        "to_fahrenheit",
+        "celsius",
+        ("result = celsius * 9 / 5 + 32", "return result"),
+        "converts a temperature from Celsius to Fahrenheit",
+        "result",
+    ),
+    _Func(
+        "flatten",
+        "rows",
+        ("out = []", "for row in rows:", "    out.extend(row)", "return out"),
+        "concatenates a list of lists into one flat list",
+        "out",
+    ),
 )
 
 
@@ -1310,7 +1813,7 @@ def _tokens(line: str, th: _Theme) -> list[tuple[str, Color]]:
         kind, tok = m.lastgroup or "op", m.group()
         color = {"cm": th.cm, "st": th.st, "num": th.num}.get(kind, th.fg)
         if kind == "id":
-            is_call = line[m.end():m.end() + 1] == "("
+            is_call = line[m.end() : m.end() + 1] == "("
             color = th.kw if tok in _KEYWORDS else th.fn if is_call or prev_word == "def" else th.fg
             prev_word = tok
         if runs and (runs[-1][1] == color or kind == "ws"):
@@ -1337,8 +1840,13 @@ def _render_code_editor(ctx: _Ctx, box: Box) -> tuple[str, str]:
     src = _code_source(rng, max(4, (bottom - top - s) // line_h), kind == "error")
     cursor = (rng.randint(1, len(src.lines)), rng.randint(1, 20))
     d.rectangle((x0, y0, x1, y0 + title_h), fill=_mix(th.side, _BLACK, 0.25))
-    ctx.text(((x0 + x1) / 2, y0 + title_h / 2), f"{src.name} - project", (170, 170, 170), 0.8,
-             anchor="mm")
+    ctx.text(
+        ((x0 + x1) / 2, y0 + title_h / 2),
+        f"{src.name} - project",
+        (170, 170, 170),
+        0.8,
+        anchor="mm",
+    )
     _code_sidebar(ctx, (x0, y0 + title_h, x0 + act_w + side_w, y1 - status_h), th, act_w, src.name)
     ex0 = x0 + act_w + side_w
     _code_tabs(ctx, (ex0, y0 + title_h, x1, top), th, src.name)
@@ -1355,27 +1863,54 @@ def _code_sidebar(ctx: _Ctx, box: Box, th: _Theme, act_w: int, active: str) -> N
     d.rectangle((x0, y0, x0 + act_w, y1), fill=_mix(th.side, _BLACK, 0.2))
     for k in range(5):
         cy = y0 + s * (1.6 + k * 2.6)
-        d.rectangle((x0 + act_w * 0.3, cy - s * 0.6, x0 + act_w * 0.7, cy + s * 0.6),
-                    outline=(150, 150, 150) if k else _WHITE, width=max(1, s // 8))
+        d.rectangle(
+            (x0 + act_w * 0.3, cy - s * 0.6, x0 + act_w * 0.7, cy + s * 0.6),
+            outline=(150, 150, 150) if k else _WHITE,
+            width=max(1, s // 8),
+        )
     if x1 - x0 <= act_w:
         return
     d.rectangle((x0 + act_w, y0, x1, y1), fill=th.side)
     ctx.text((x0 + act_w + s * 0.8, y0 + s * 1.2), "EXPLORER", (187, 187, 187), 0.75)
-    tree = ["v src", "  __init__.py", f"  {active}", "  models.py", "  api.py", "v tests",
-            "  test_api.py", "  conftest.py", "README.md", "pyproject.toml", ".gitignore"]
+    tree = [
+        "v src",
+        "  __init__.py",
+        f"  {active}",
+        "  models.py",
+        "  api.py",
+        "v tests",
+        "  test_api.py",
+        "  conftest.py",
+        "README.md",
+        "pyproject.toml",
+        ".gitignore",
+    ]
     y: float = y0 + s * 3
     for entry in tree:
         if y > y1 - s:
             break
         if entry.strip() == active:
-            d.rectangle((x0 + act_w, y - s * 0.75, x1, y + s * 0.75),
-                        fill=_mix(th.side, th.status, 0.35))
+            d.rectangle(
+                (x0 + act_w, y - s * 0.75, x1, y + s * 0.75), fill=_mix(th.side, th.status, 0.35)
+            )
         icon = (230, 200, 80) if entry.endswith(".py") else (120, 160, 220)
         if not entry.startswith("v"):
-            d.rectangle((x0 + act_w + s * (1.2 + entry.count(" ") * 0.5), y - s * 0.35,
-                         x0 + act_w + s * (1.8 + entry.count(" ") * 0.5), y + s * 0.35), fill=icon)
-        ctx.text((x0 + act_w + s * (2.2 + entry.count(" ") * 0.5), y), entry.strip(" v"),
-                 (204, 204, 204), 0.8, maxw=x1 - x0 - act_w - s * 3)
+            d.rectangle(
+                (
+                    x0 + act_w + s * (1.2 + entry.count(" ") * 0.5),
+                    y - s * 0.35,
+                    x0 + act_w + s * (1.8 + entry.count(" ") * 0.5),
+                    y + s * 0.35,
+                ),
+                fill=icon,
+            )
+        ctx.text(
+            (x0 + act_w + s * (2.2 + entry.count(" ") * 0.5), y),
+            entry.strip(" v"),
+            (204, 204, 204),
+            0.8,
+            maxw=x1 - x0 - act_w - s * 3,
+        )
         y += s * rng.uniform(1.5, 1.7)
 
 
@@ -1412,8 +1947,10 @@ def _code_body(ctx: _Ctx, box: Box, th: _Theme, src: _Source, line_h: int) -> No
             _squiggle(d, x - ctx.font(0.9).getlength(src.error[1]), x, y + s * 0.6)
         if mini:
             mw = min(mini - 4, len(line) * 0.5)
-            d.rectangle((x1 - mini + 2, y0 + n * 2, x1 - mini + 2 + mw, y0 + n * 2 + 1),
-                        fill=_mix(th.bg, th.fg, 0.35))
+            d.rectangle(
+                (x1 - mini + 2, y0 + n * 2, x1 - mini + 2 + mw, y0 + n * 2 + 1),
+                fill=_mix(th.bg, th.fg, 0.35),
+            )
         y += line_h
 
 
@@ -1431,8 +1968,13 @@ def _code_problems(ctx: _Ctx, box: Box, th: _Theme, error: tuple[int, str, str])
     ctx.text((x0 + s, y0 + s), "PROBLEMS   OUTPUT   TERMINAL", (200, 200, 200), 0.75)
     cy = y0 + s * 2.6
     d.ellipse((x0 + s, cy - s * 0.4, x0 + s * 1.8, cy + s * 0.4), fill=(240, 70, 70))
-    ctx.text((x0 + s * 2.4, cy), f'"{error[1]}" is not defined  [Ln {error[0]}, Col 12]',
-             (220, 220, 220), 0.8, maxw=x1 - x0 - s * 3)
+    ctx.text(
+        (x0 + s * 2.4, cy),
+        f'"{error[1]}" is not defined  [Ln {error[0]}, Col 12]',
+        (220, 220, 220),
+        0.8,
+        maxw=x1 - x0 - s * 3,
+    )
 
 
 def _code_status(ctx: _Ctx, box: Box, th: _Theme, cursor: tuple[int, int], err: bool) -> None:
@@ -1441,18 +1983,27 @@ def _code_status(ctx: _Ctx, box: Box, th: _Theme, cursor: tuple[int, int], err: 
     cy = (y0 + y1) / 2
     s = ctx.fs
     ctx.text((x0 + s, cy), f"main   {'x 1' if err else 'x 0'}  ! 0", _WHITE, 0.8)
-    ctx.text((x1 - s, cy), f"Ln {cursor[0]}, Col {cursor[1]}   UTF-8   Python", _WHITE, 0.8,
-             anchor="rm", maxw=(x1 - x0) * 0.55)
+    ctx.text(
+        (x1 - s, cy),
+        f"Ln {cursor[0]}, Col {cursor[1]}   UTF-8   Python",
+        _WHITE,
+        0.8,
+        anchor="rm",
+        maxw=(x1 - x0) * 0.55,
+    )
 
 
-def _code_qa(rng: random.Random, kind: str, src: _Source, cursor: tuple[int, int]
-             ) -> tuple[str, str]:
+def _code_qa(
+    rng: random.Random, kind: str, src: _Source, cursor: tuple[int, int]
+) -> tuple[str, str]:
     names = [f"{f.name}()" for f, _, _ in src.funcs]
     if kind == "error" and src.error:
         line, typo, real = src.error
         q = rng.choice((f"Why is line {line} underlined in red?", "What's this error about?"))
-        return q, (f"Line {line} returns `{typo}`, which is never defined; it's a misspelling of "
-                   f"`{real}`, so calling it would raise NameError.")
+        return q, (
+            f"Line {line} returns `{typo}`, which is never defined; it's a misspelling of "
+            f"`{real}`, so calling it would raise NameError."
+        )
     if kind == "count":
         q = rng.choice(("How many functions are in this file?", "What functions does this define?"))
         return q, f"{src.name} defines {len(names)}: {_join(names)}."
@@ -1475,12 +2026,27 @@ _LAND: tuple[Color, ...] = ((236, 230, 214), (228, 234, 212), (240, 232, 216), (
 _WATER: Color = (156, 200, 232)
 _PARK: Color = (181, 222, 170)
 _STREETS = (
-    "Oak Ave", "Elm St", "Harbor Rd", "Pine St", "Market St", "5th Ave", "Mission St", "Lake Dr",
-    "Cedar Ln", "King St", "Bay Blvd", "Hill Rd", "Park Ave", "River Rd", "Union St", "Main St",
+    "Oak Ave",
+    "Elm St",
+    "Harbor Rd",
+    "Pine St",
+    "Market St",
+    "5th Ave",
+    "Mission St",
+    "Lake Dr",
+    "Cedar Ln",
+    "King St",
+    "Bay Blvd",
+    "Hill Rd",
+    "Park Ave",
+    "River Rd",
+    "Union St",
+    "Main St",
 )
 _STREET_POOL = _STREETS + tuple(
     f"{k}{'st' if k % 10 == 1 else 'nd' if k % 10 == 2 else 'rd' if k % 10 == 3 else 'th'} St"
-    for k in range(1, 61) if k % 100 not in (11, 12, 13)
+    for k in range(1, 61)
+    if k % 100 not in (11, 12, 13)
 )
 _PARKS = ("Riverside Park", "Central Green", "Oak Meadow", "Rose Garden", "Hilltop Park")
 _LAKES = ("Lake Merin", "Blue Lagoon", "Silver Bay", "Mirror Pond", "North Harbor")
@@ -1532,8 +2098,9 @@ def _render_map(ctx: _Ctx, box: Box) -> tuple[str, str]:
     for k, y in enumerate(hy):
         ctx.text((x0 + s * rng.uniform(3, 12), y), names[k], (90, 90, 90), 0.75, anchor="lm")
     for k, x in enumerate(vx):
-        ctx.text((x, y1 - s * rng.uniform(5, 12)), names[len(hy) + k], (90, 90, 90), 0.75,
-                 anchor="mm")
+        ctx.text(
+            (x, y1 - s * rng.uniform(5, 12)), names[len(hy) + k], (90, 90, 90), 0.75, anchor="mm"
+        )
     _map_area_labels(ctx, areas)
     i = _pick_mid(rng, vx, x0 + (x1 - x0) * 0.2, x1 - (x1 - x0) * 0.2)
     j = _pick_mid(rng, hy, y0 + (y1 - y0) * 0.3, y1 - (y1 - y0) * 0.2)
@@ -1576,8 +2143,9 @@ def _map_areas(ctx: _Ctx, box: Box) -> list[tuple[str, str, float, float]]:
     else:
         cx, cy = x0 + w / 2, y0 + h * rng.uniform(0.3, 0.7)
         pts = [(x0 + w * k / 5, cy + h * rng.uniform(-0.15, 0.15)) for k in range(6)]
-        d.line(pts, fill=water, width=max(8, round(min(w, h) * rng.uniform(0.08, 0.14))),
-               joint="curve")
+        d.line(
+            pts, fill=water, width=max(8, round(min(w, h) * rng.uniform(0.08, 0.14))), joint="curve"
+        )
     areas = [("water", lake, cx, cy)]
     for name in rng.sample(_PARKS, rng.randint(2, 4)):
         px, py = x0 + w * rng.uniform(0.0, 0.7), y0 + h * rng.uniform(0.0, 0.7)
@@ -1590,8 +2158,15 @@ def _map_areas(ctx: _Ctx, box: Box) -> list[tuple[str, str, float, float]]:
 def _map_area_labels(ctx: _Ctx, areas: list[tuple[str, str, float, float]]) -> None:
     for kind, name, cx, cy in areas:
         col = (40, 100, 160) if kind == "water" else (50, 120, 60)
-        ctx.draw.text((cx, cy), name, fill=col, font=ctx.font(0.85), anchor="mm", stroke_width=1,
-                      stroke_fill=_mix(col, _WHITE, 0.8))
+        ctx.draw.text(
+            (cx, cy),
+            name,
+            fill=col,
+            font=ctx.font(0.85),
+            anchor="mm",
+            stroke_width=1,
+            stroke_fill=_mix(col, _WHITE, 0.8),
+        )
 
 
 def _pick_mid(rng: random.Random, vals: list[int], lo: float, hi: float) -> int:
@@ -1610,8 +2185,15 @@ def _map_blocks(ctx: _Ctx, vx: list[int], hy: list[int]) -> None:
             if rng.random() < 0.5:
                 continue
             m = s * 0.8
-            d.rectangle((xa + m, ya + m, xa + m + (xb - xa - 2 * m) * rng.uniform(0.3, 0.9),
-                         ya + m + (yb - ya - 2 * m) * rng.uniform(0.3, 0.9)), fill=fill)
+            d.rectangle(
+                (
+                    xa + m,
+                    ya + m,
+                    xa + m + (xb - xa - 2 * m) * rng.uniform(0.3, 0.9),
+                    ya + m + (yb - ya - 2 * m) * rng.uniform(0.3, 0.9),
+                ),
+                fill=fill,
+            )
 
 
 def _map_roads(ctx: _Ctx, box: Box, vx: list[int], hy: list[int]) -> None:
@@ -1648,12 +2230,20 @@ def _map_pois(ctx: _Ctx, box: Box, me: tuple[float, float]) -> list[_Poi]:
     for p in pois:
         r = s * 0.75
         col = (219, 68, 55) if p.kind != "café" else (160, 100, 60)
-        d.polygon([(p.x - r * 0.8, p.y - r * 1.6), (p.x + r * 0.8, p.y - r * 1.6), (p.x, p.y)],
-                  fill=col)
+        d.polygon(
+            [(p.x - r * 0.8, p.y - r * 1.6), (p.x + r * 0.8, p.y - r * 1.6), (p.x, p.y)], fill=col
+        )
         d.ellipse((p.x - r, p.y - r * 3, p.x + r, p.y - r), fill=col)
         d.ellipse((p.x - r * 0.35, p.y - r * 2.35, p.x + r * 0.35, p.y - r * 1.65), fill=_WHITE)
-        ctx.draw.text((p.x + r * 1.4, p.y - r * 2), p.name, fill=(150, 40, 30), font=ctx.font(0.8),
-                      anchor="lm", stroke_width=2, stroke_fill=_WHITE)
+        ctx.draw.text(
+            (p.x + r * 1.4, p.y - r * 2),
+            p.name,
+            fill=(150, 40, 30),
+            font=ctx.font(0.8),
+            anchor="lm",
+            stroke_width=2,
+            stroke_fill=_WHITE,
+        )
     return pois
 
 
@@ -1669,8 +2259,9 @@ def _map_overlays(ctx: _Ctx, box: Box) -> None:
     x0, y0, x1, y1 = box
     sw = (x1 - x0) * rng.uniform(0.35, 0.5)
     sb = (x0 + s, y0 + s, x0 + s + sw, y0 + s * 3.6)
-    d.rounded_rectangle((sb[0] + 1, sb[1] + 2, sb[2] + 1, sb[3] + 2), radius=s,
-                        fill=(190, 190, 190))
+    d.rounded_rectangle(
+        (sb[0] + 1, sb[1] + 2, sb[2] + 1, sb[3] + 2), radius=s, fill=(190, 190, 190)
+    )
     d.rounded_rectangle(sb, radius=s, fill=_WHITE)
     query = rng.choice(("Search here", "Search places", "coffee near me", "Where to?"))
     ctx.text((sb[0] + s * 1.2, (sb[1] + sb[3]) / 2), query, (110, 110, 110), 0.95, maxw=sw - s * 2)
@@ -1679,8 +2270,12 @@ def _map_overlays(ctx: _Ctx, box: Box) -> None:
         cw = ctx.font(0.8).getlength(chip) + s * 1.6
         if x + cw > x1 - s:
             break
-        d.rounded_rectangle((x, sb[3] + s * 0.6, x + cw, sb[3] + s * 2.2), radius=s, fill=_WHITE,
-                            outline=(200, 200, 200))
+        d.rounded_rectangle(
+            (x, sb[3] + s * 0.6, x + cw, sb[3] + s * 2.2),
+            radius=s,
+            fill=_WHITE,
+            outline=(200, 200, 200),
+        )
         ctx.text((x + s * 0.8, sb[3] + s * 1.4), chip, (60, 60, 60), 0.8)
         x += cw + s * 0.5
     bx = x1 - s * 3.2
@@ -1704,8 +2299,10 @@ def _map_qa(rng: random.Random, info: _MapInfo) -> tuple[str, str]:
     kind = rng.choice(("nearest", "far", "street", "area"))
     if kind == "nearest" and info.pois:
         cat = rng.choice(info.pois).kind
-        best = min((p for p in info.pois if p.kind == cat),
-                   key=lambda p: math.hypot(p.x - info.me[0], p.y - info.me[1]))
+        best = min(
+            (p for p in info.pois if p.kind == cat),
+            key=lambda p: math.hypot(p.x - info.me[0], p.y - info.me[1]),
+        )
         q = rng.choice((f"Where's the nearest {cat}?", f"Is there a {cat} close by?"))
         return q, f"The closest {cat} is {best.name}, {info.where(best.x, best.y)} of you."
     if kind == "far" and info.pois:
@@ -1714,8 +2311,11 @@ def _map_qa(rng: random.Random, info: _MapInfo) -> tuple[str, str]:
         return q, f"{p.name} is {info.where(p.x, p.y)} of your position."
     if kind == "area":
         akind, name, cx, cy = rng.choice(info.areas)
-        asks = (("What's that lake called?", "Is there any water nearby?") if akind == "water"
-                else ("Which park is near me?", "Any green space nearby?"))
+        asks = (
+            ("What's that lake called?", "Is there any water nearby?")
+            if akind == "water"
+            else ("Which park is near me?", "Any green space nearby?")
+        )
         q = rng.choice(asks)
         return q, f"{name} lies {info.where(cx, cy)}."
     q = rng.choice(("What street am I on?", "Where am I right now?"))
@@ -1734,14 +2334,20 @@ _RENDERERS: dict[str, _Renderer] = {
     "map": _render_map,
 }
 _WALLPAPERS: tuple[tuple[Color, Color], ...] = (
-    ((58, 110, 165), (30, 60, 110)), ((94, 129, 172), (180, 150, 190)),
-    ((46, 52, 64), (76, 86, 106)), ((200, 180, 150), (120, 100, 90)),
-    ((40, 120, 110), (20, 60, 80)), ((150, 160, 170), (90, 100, 110)),
+    ((58, 110, 165), (30, 60, 110)),
+    ((94, 129, 172), (180, 150, 190)),
+    ((46, 52, 64), (76, 86, 106)),
+    ((200, 180, 150), (120, 100, 90)),
+    ((40, 120, 110), (20, 60, 80)),
+    ((150, 160, 170), (90, 100, 110)),
 )
 _TOASTS = (
-    ("Battery low", "10% remaining"), ("Update available", "Restart to install"),
-    ("Alex Kim", "Are you joining?"), ("Download complete", "report.pdf"),
-    ("Wi-Fi", "Connected to Home-5G"), ("Reminder", "Stretch your legs"),
+    ("Battery low", "10% remaining"),
+    ("Update available", "Restart to install"),
+    ("Alex Kim", "Are you joining?"),
+    ("Download complete", "report.pdf"),
+    ("Wi-Fi", "Connected to Home-5G"),
+    ("Reminder", "Stretch your legs"),
 )
 
 
@@ -1778,8 +2384,9 @@ def _clutter(ctx: _Ctx, w: int, h: int) -> None:
         x, y = rng.uniform(0.1, 0.8) * w, rng.uniform(0.1, 0.9) * h
         tip = rng.choice(("Bold (Ctrl+B)", "Refresh", "Share", "More options", "Zoom in"))
         tw = ctx.font(0.8).getlength(tip) + ctx.fs
-        ctx.draw.rectangle((x, y, x + tw, y + ctx.fs * 1.6), fill=(255, 255, 225),
-                           outline=(120, 120, 120))
+        ctx.draw.rectangle(
+            (x, y, x + tw, y + ctx.fs * 1.6), fill=(255, 255, 225), outline=(120, 120, 120)
+        )
         ctx.text((x + ctx.fs / 2, y + ctx.fs * 0.8), tip, (30, 30, 30), 0.8)
     if rng.random() < 0.6:
         _cursor(ctx, rng.uniform(0, w - 10), rng.uniform(0, h - 10))
@@ -1794,8 +2401,9 @@ def _toast(ctx: _Ctx, w: int, h: int) -> None:
     y = s if rng.random() < 0.5 else h - th - s * 2
     dark = rng.random() < 0.5
     d.rounded_rectangle((x + 2, y + 3, x + tw + 2, y + th + 3), radius=s // 2, fill=(90, 90, 90))
-    d.rounded_rectangle((x, y, x + tw, y + th), radius=s // 2,
-                        fill=(48, 48, 52) if dark else (250, 250, 250))
+    d.rounded_rectangle(
+        (x, y, x + tw, y + th), radius=s // 2, fill=(48, 48, 52) if dark else (250, 250, 250)
+    )
     fg = (235, 235, 235) if dark else (30, 30, 30)
     ctx.text((x + s, y + s * 1.1), title, fg, 0.85, maxw=tw - 2 * s, bold=True)
     ctx.text((x + s, y + s * 2.4), body, fg, 0.8, maxw=tw - 2 * s)
@@ -1856,12 +2464,17 @@ def _write_expert(out: Path, expert: str, per_expert: int, seed: int) -> int:
         for i in range(per_expert):
             sample = render_sample(expert, _sample_rng(seed, expert, i))
             rel = f"images/{i:05d}.png"
-            sample.image.save(ds / rel, format="PNG", optimize=False,
-                              compress_level=_PNG_COMPRESS_LEVEL)
-            record = {"id": f"{expert}-{seed}-{i:05d}", "image": rel, "messages": [
-                {"role": "user", "content": sample.instruction},
-                {"role": "assistant", "content": sample.answer},
-            ]}
+            sample.image.save(
+                ds / rel, format="PNG", optimize=False, compress_level=_PNG_COMPRESS_LEVEL
+            )
+            record = {
+                "id": f"{expert}-{seed}-{i:05d}",
+                "image": rel,
+                "messages": [
+                    {"role": "user", "content": sample.instruction},
+                    {"role": "assistant", "content": sample.answer},
+                ],
+            }
             lines.append(json.dumps(record, ensure_ascii=False))
         (ds / "demo.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         _swap_in(tmp, out / expert)

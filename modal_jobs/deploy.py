@@ -47,7 +47,9 @@ def run(spec: StageSpec) -> StageResult:
         if not target.is_dir():
             _write_version(spec, target, report)
         entry = {
-            "version": version, "run": spec.run, "accuracy": report["accuracy"],
+            "version": version,
+            "run": spec.run,
+            "accuracy": report["accuracy"],
             "macro_f1": report["macro_f1"],
             "deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
@@ -70,13 +72,16 @@ def _write_version(spec: StageSpec, target: Path, report: dict[str, Any]) -> Non
         for name in ADAPTER_FILES:
             shutil.copyfile(spec.layout.checkpoint / name, staging / name)
         write_json(staging / "report.json", report)
-        write_json(staging / "router.json", {
-            "base": index["base"],
-            "labels": index["labels"],
-            "system_prompt": index["system_prompt"],
-            "image_bounds": index["image_bounds"],
-            "abstain_below": spec.config.loras.router.abstain_below,
-        })
+        write_json(
+            staging / "router.json",
+            {
+                "base": index["base"],
+                "labels": index["labels"],
+                "system_prompt": index["system_prompt"],
+                "image_bounds": index["image_bounds"],
+                "abstain_below": spec.config.loras.router.abstain_below,
+            },
+        )
 
 
 @contextmanager
@@ -103,7 +108,7 @@ def current_router(volumes: Volumes) -> Path:
     current = read_registry(volumes)["current"]
     if not current:
         raise DeployError(f"{volumes.registry}: no router is deployed; fix: `mole deploy RUN`")
-    return volumes.routers / current
+    return volumes.routers / str(current)
 
 
 def rollback(volumes: Volumes) -> str:
@@ -115,10 +120,13 @@ def rollback(volumes: Volumes) -> str:
         if not earlier:
             raise DeployError(f"{volumes.registry}: no earlier deployment to roll back to")
         previous = earlier[-1]
-        registry["history"].append({
-            "version": previous, "rollback_from": registry["current"],
-            "deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        })
+        registry["history"].append(
+            {
+                "version": previous,
+                "rollback_from": registry["current"],
+                "deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+        )
         registry["current"] = previous
         write_json(volumes.registry, registry)
     return str(previous)

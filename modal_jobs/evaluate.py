@@ -53,17 +53,19 @@ def run(spec: StageSpec) -> StageResult:
     report = classification_report(truth, trained.probabilities.argmax(1), labels.experts)
     baseline = classification_report(truth, untrained.probabilities.argmax(1), labels.experts)
     per_image = sum(trained.batch_seconds) / max(1, len(truth))
-    report.update({
-        "run": spec.run,
-        "untrained": {"accuracy": baseline["accuracy"], "macro_f1": baseline["macro_f1"]},
-        "chance_accuracy": 1.0 / len(labels.experts),
-        "mean_confidence": float(trained.probabilities.max(1).mean()) if len(truth) else 0.0,
-        "latency_ms_per_image": 1000 * per_image,
-        "checkpoint_sha256": file_sha256(spec.layout.checkpoint / "adapter_model.safetensors"),
-        "shards_version": index["shards_version"],
-        "min_accuracy": spec.config.loras.router.min_accuracy,
-        "wall_seconds": time.perf_counter() - started,
-    })
+    report.update(
+        {
+            "run": spec.run,
+            "untrained": {"accuracy": baseline["accuracy"], "macro_f1": baseline["macro_f1"]},
+            "chance_accuracy": 1.0 / len(labels.experts),
+            "mean_confidence": float(trained.probabilities.max(1).mean()) if len(truth) else 0.0,
+            "latency_ms_per_image": 1000 * per_image,
+            "checkpoint_sha256": file_sha256(spec.layout.checkpoint / "adapter_model.safetensors"),
+            "shards_version": index["shards_version"],
+            "min_accuracy": spec.config.loras.router.min_accuracy,
+            "wall_seconds": time.perf_counter() - started,
+        }
+    )
     write_report(spec, report)
     return _result(spec, report)
 
@@ -112,7 +114,8 @@ def _result(spec: StageSpec, report: dict[str, Any]) -> StageResult:
     }
     gate = spec.config.loras.router.min_accuracy
     check = Check(
-        "accuracy_gate", bool(report["accuracy"] >= gate),
+        "accuracy_gate",
+        bool(report["accuracy"] >= gate),
         f"eval accuracy ≥ {gate} (config/loras.json router.min_accuracy) before deployment",
         {"accuracy": number(round(report["accuracy"], 4)), "threshold": number(gate)},
     )

@@ -28,8 +28,11 @@ class LabelMap:
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for index/report files."""
-        return {"experts": list(self.experts), "labels": list(self.labels),
-                "token_ids": list(self.token_ids)}
+        return {
+            "experts": list(self.experts),
+            "labels": list(self.labels),
+            "token_ids": list(self.token_ids),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LabelMap:
@@ -43,7 +46,9 @@ def label_map(dataset: DatasetConfig, processor: Any) -> LabelMap:
     labels = tuple(dataset.label_of(name) for name in experts)
     token_ids = tuple(first_answer_token(processor, label) for label in labels)
     clashes = [
-        (a, b) for i, a in enumerate(experts) for b in experts[i + 1:]
+        (a, b)
+        for i, a in enumerate(experts)
+        for b in experts[i + 1 :]
         if token_ids[experts.index(a)] == token_ids[experts.index(b)]
     ]
     if clashes:

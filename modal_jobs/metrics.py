@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 
 
-def classification_report(truth: np.ndarray, predicted: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+def classification_report(
+    truth: np.ndarray, predicted: np.ndarray, labels: Sequence[str]
+) -> dict[str, Any]:
     """Metrics of predicted vs true class indices over `labels` (index order)."""
     k = len(labels)
     matrix = np.zeros((k, k), dtype=np.int64)
@@ -19,8 +21,12 @@ def classification_report(truth: np.ndarray, predicted: np.ndarray, labels: Sequ
         precision = tp / matrix[:, i].sum() if matrix[:, i].sum() else 0.0
         recall = tp / matrix[i, :].sum() if matrix[i, :].sum() else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1,
-                            "support": int(matrix[i, :].sum())}
+        per_class[label] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": int(matrix[i, :].sum()),
+        }
     n = int(matrix.sum())
     return {
         "n": n,
@@ -36,11 +42,12 @@ def markdown_table(report: dict[str, Any]) -> str:
     """Per-class table and confusion matrix as markdown."""
     lines = ["| expert | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for label, row in report["per_class"].items():
-        lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | "
-                     f"{row['f1']:.3f} | {row['support']} |")
+        lines.append(
+            f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | "
+            f"{row['f1']:.3f} | {row['support']} |"
+        )
     labels = report["labels"]
-    lines += ["", "| true \\ routed | " + " | ".join(labels) + " |",
-              "|---|" + "---|" * len(labels)]
+    lines += ["", "| true \\ routed | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for label, row in zip(labels, report["confusion_matrix"], strict=True):
         lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines)

@@ -13,10 +13,9 @@ from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 from modal_jobs.config import LoraSpec
 
 # Only the language model's projections: the vision tower and merger stay frozen, and adapters of
-# this shape load in vLLM and in PEFT mixed-adapter batches (`all-linear` would hit the vision tower).
-LORA_TARGETS = (
-    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-)
+# this shape load in vLLM and in PEFT mixed-adapter batches (`all-linear` would hit the vision
+# tower).
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,9 @@ def load_base(base: str, runtime: Runtime) -> Qwen3VLForConditionalGeneration:
         base, dtype=runtime.dtype, attn_implementation=runtime.attention
     )
     model.requires_grad_(False)
-    return model.to(runtime.device)
+    # transformers wraps `.to` in a decorator whose annotation drops the device argument.
+    model.to(runtime.device)  # type: ignore[arg-type]
+    return model
 
 
 def lora_config(spec: LoraSpec) -> LoraConfig:

@@ -42,17 +42,23 @@ def report(context: PipesContext, result: StageResult) -> None:
     context.report_asset_materialization(metadata=result.metadata, data_version=result.data_version)
     for check in result.checks:
         context.report_asset_check(
-            check_name=check.name, passed=check.passed, severity=check.severity,
-            metadata={"description": {"type": "text", "raw_value": check.description},
-                      **check.metadata},
+            check_name=check.name,
+            passed=check.passed,
+            severity=check.severity,
+            metadata={
+                "description": {"type": "text", "raw_value": check.description},
+                **check.metadata,
+            },
         )
 
 
-def main(run: Callable[[S], StageResult], spec_type: type[S], argv: list[str] | None = None) -> None:
+def main(
+    run: Callable[[S], StageResult], spec_type: type[S], argv: list[str] | None = None
+) -> None:
     """Entry point of every stage module."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        if PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        if PipesEnvVarParamsLoader().is_dagster_pipes_process():  # type: ignore[no-untyped-call]
             _run_under_pipes(run, spec_type)
         else:
             _run_by_hand(run, spec_type, argv)
@@ -72,7 +78,9 @@ def _run_under_pipes(run: Callable[[S], StageResult], spec_type: type[S]) -> Non
         report(context, result)
 
 
-def _run_by_hand(run: Callable[[S], StageResult], spec_type: type[S], argv: list[str] | None) -> None:
+def _run_by_hand(
+    run: Callable[[S], StageResult], spec_type: type[S], argv: list[str] | None
+) -> None:
     parser = argparse.ArgumentParser(description="Run one mole stage without Dagster.")
     parser.add_argument("--spec", type=Path, required=True, help="JSON file with the stage spec")
     args = parser.parse_args(argv)

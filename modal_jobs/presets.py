@@ -41,8 +41,13 @@ log = logging.getLogger(__name__)
 # Bump when the build recipe changes so cached bases are rebuilt.
 BUILD_VERSION = 3
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 )
 # Qwen's chat layout (im_start/im_end turns, vision markers around the image pad), written here.
 APP_WORDS = ("calendar", "spreadsheet", "terminal", "email", "code", "editor", "map")
@@ -74,7 +79,9 @@ def resolve_base(name: str, preset: ModelPreset, models_dir: Path) -> str:
 
 def preset_key(preset: ModelPreset) -> str:
     """Short content hash of a preset's definition and the build recipe version."""
-    blob = json.dumps({"preset": preset.model_dump(mode="json"), "v": BUILD_VERSION}, sort_keys=True)
+    blob = json.dumps(
+        {"preset": preset.model_dump(mode="json"), "v": BUILD_VERSION}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -104,11 +111,14 @@ def build_local_preset(preset: ModelPreset, target: Path) -> None:
     with atomic_dir(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        write_json(staging / "mole_preset.json", {
-            "preset": preset.model_dump(mode="json"),
-            "build_version": BUILD_VERSION,
-            "build_seconds": round(time.perf_counter() - started, 1),
-        })
+        write_json(
+            staging / "mole_preset.json",
+            {
+                "preset": preset.model_dump(mode="json"),
+                "build_version": BUILD_VERSION,
+                "build_seconds": round(time.perf_counter() - started, 1),
+            },
+        )
     log.info("built local preset at %s in %.1fs", target, time.perf_counter() - started)
 
 
@@ -145,18 +155,25 @@ def build_processor(preset: ModelPreset, corpus: list[str]) -> Qwen3VLProcessor:
     names = [" ".join(APP_WORDS) for _ in range(100)]
     bpe.train_from_iterator(corpus + names, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
     )
     patch = preset.vision.patch_size
     image_processor = Qwen2VLImageProcessor(
-        patch_size=patch, merge_size=2, temporal_patch_size=2,
-        min_pixels=preset.image.min_pixels, max_pixels=preset.image.max_pixels,
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=preset.image.min_pixels,
+        max_pixels=preset.image.max_pixels,
     )
     video_processor = Qwen3VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2)
     return Qwen3VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer,
-        video_processor=video_processor, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -171,17 +188,28 @@ def build_model(preset: ModelPreset, processor: Any) -> Qwen3VLForConditionalGen
     sections = [head // 2 - 2 * third, third, third]
     config = Qwen3VLConfig(
         text_config={
-            **text, "vocab_size": len(processor.tokenizer), "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                "mrope_section": sections, "mrope_interleaved": True},
+            **text,
+            "vocab_size": len(processor.tokenizer),
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": sections,
+                "mrope_interleaved": True,
+            },
         },
         vision_config={
-            **preset.vision.model_dump(), "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "out_hidden_size": text["hidden_size"], "num_position_embeddings": 256,
+            **preset.vision.model_dump(),
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": text["hidden_size"],
+            "num_position_embeddings": 256,
             "deepstack_visual_indexes": [preset.vision.depth - 1],
         },
-        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
-        vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"),
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
         tie_word_embeddings=True,
     )
     torch.manual_seed(preset.pretrain.seed)
@@ -200,7 +228,9 @@ def pretrain(
     encoded: list[Encoded] = [
         encode(processor, s.image, preset.image, None, s.instruction, s.answer) for s in samples
     ]
-    optimizer, scheduler = adamw(model.parameters(), spec.learning_rate, spec.steps // 10, spec.steps)
+    optimizer, scheduler = adamw(
+        model.parameters(), spec.learning_rate, spec.steps // 10, spec.steps
+    )
     rng = random.Random(spec.seed)
     model.train()
     for step in range(spec.steps):

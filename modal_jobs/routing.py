@@ -36,7 +36,7 @@ def score(
     label_ids = torch.tensor(list(token_ids), device=device)
     chunks, seconds = [], []
     for start in range(0, len(items), batch_size):
-        group = list(items[start:start + batch_size])
+        group = list(items[start : start + batch_size])
         began = time.perf_counter()
         batch = {k: v.to(device) for k, v in collate(processor, group, bounds).items()}
         batch.pop("labels")

@@ -39,8 +39,10 @@ def run(spec: StageSpec) -> StageResult:
     labels = label_map(config.dataset, processor)
     dataset_dir = spec.layout.dataset
     with atomic_dir(spec.layout.shards) as staging:
-        splits = {split: _write_split(staging, split, dataset_dir, processor, labels, spec)
-                  for split in SPLITS}
+        splits = {
+            split: _write_split(staging, split, dataset_dir, processor, labels, spec)
+            for split in SPLITS
+        }
         index = {
             "run": spec.run,
             "base": base,
@@ -67,7 +69,7 @@ def _write_split(
     rows = read_split(dataset_dir, split)
     files, tokens = [], 0
     for start in range(0, len(rows), SHARD_SIZE):
-        chunk = rows[start:start + SHARD_SIZE]
+        chunk = rows[start : start + SHARD_SIZE]
         items = [_encode_row(row, dataset_dir, processor, spec) for row in chunk]
         classes = np.array([labels.experts.index(row["expert"]) for row in chunk], dtype=np.int64)
         name = f"{split}-{start // SHARD_SIZE:05d}.safetensors"
@@ -80,8 +82,12 @@ def _write_split(
 def _encode_row(row: dict[str, Any], dataset_dir: Path, processor: Any, spec: StageSpec) -> Encoded:
     with Image.open(dataset_dir / row["image"]) as image:
         return encode(
-            processor, image, spec.config.image_bounds, spec.config.dataset.system_prompt,
-            row["instruction"], row["label"],
+            processor,
+            image,
+            spec.config.image_bounds,
+            spec.config.dataset.system_prompt,
+            row["instruction"],
+            row["label"],
         )
 
 
@@ -129,14 +135,16 @@ def unpack(arrays: dict[str, np.ndarray]) -> list[Encoded]:
     for n in range(len(arrays["prompt_len"])):
         height, width = (int(v) for v in arrays["pixel_hw"][n])
         t, h, w = (int(v) for v in arrays["grid_thw"][n])
-        out.append(Encoded(
-            input_ids=arrays["input_ids"][tok[n]:tok[n + 1]],
-            mm_token_type_ids=arrays["mm_token_type_ids"][tok[n]:tok[n + 1]],
-            prompt_len=int(arrays["prompt_len"][n]),
-            answer_end=int(arrays["answer_end"][n]),
-            pixels=arrays["pixels"][pix[n]:pix[n + 1]].reshape(height, width, 3),
-            grid_thw=(t, h, w),
-        ))
+        out.append(
+            Encoded(
+                input_ids=arrays["input_ids"][tok[n] : tok[n + 1]],
+                mm_token_type_ids=arrays["mm_token_type_ids"][tok[n] : tok[n + 1]],
+                prompt_len=int(arrays["prompt_len"][n]),
+                answer_end=int(arrays["answer_end"][n]),
+                pixels=arrays["pixels"][pix[n] : pix[n + 1]].reshape(height, width, 3),
+                grid_thw=(t, h, w),
+            )
+        )
     return out
 
 

@@ -78,8 +78,9 @@ def run(spec: TrainSpec) -> StageResult:
     total = spec.total_steps()
     batch_size = spec.batch_size or defaults.batch_size
     lr = spec.learning_rate or defaults.learning_rate
-    warmup = min(spec.warmup_steps if spec.warmup_steps is not None else defaults.warmup_steps,
-                 total // 5)
+    warmup = min(
+        spec.warmup_steps if spec.warmup_steps is not None else defaults.warmup_steps, total // 5
+    )
 
     # data
     index = read_index(spec.layout.shards)
@@ -108,8 +109,10 @@ def run(spec: TrainSpec) -> StageResult:
     model.train()
     for step in range(start, total):
         picks = batch_indices(len(train.items), batch_size, step, spec.seed)
-        batch = {k: v.to(runtime.device) for k, v in
-                 collate(processor, [train.items[i] for i in picks], bounds).items()}
+        batch = {
+            k: v.to(runtime.device)
+            for k, v in collate(processor, [train.items[i] for i in picks], bounds).items()
+        }
         labels = batch.pop("labels")
         loss = answer_loss(model(**batch).logits, labels)
         loss.backward()
@@ -130,11 +133,19 @@ def run(spec: TrainSpec) -> StageResult:
 
     # checkpoint
     summary = {
-        "base": index["base"], "labels": index["labels"], "steps": total, "resumed_from": start,
-        "batch_size": batch_size, "learning_rate": lr, "warmup_steps": warmup, "mode": spec.mode,
-        "shards_version": index["shards_version"], "final_loss": curve[-1][1] if curve else None,
+        "base": index["base"],
+        "labels": index["labels"],
+        "steps": total,
+        "resumed_from": start,
+        "batch_size": batch_size,
+        "learning_rate": lr,
+        "warmup_steps": warmup,
+        "mode": spec.mode,
+        "shards_version": index["shards_version"],
+        "final_loss": curve[-1][1] if curve else None,
         "tokens_per_second": tokens / loop_seconds if loop_seconds > 0 else 0.0,
-        "wall_seconds": time.perf_counter() - started, "device": str(runtime.device),
+        "wall_seconds": time.perf_counter() - started,
+        "device": str(runtime.device),
     }
     publish(spec.layout.checkpoint, model, summary, curve)
     shutil.rmtree(spec.layout.resume, ignore_errors=True)
@@ -146,7 +157,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     per_epoch = max(1, n // batch_size)
     epoch, offset = divmod(step, per_epoch)
     order = random.Random(f"{seed}:{epoch}").sample(range(n), n)
-    return order[offset * batch_size:(offset + 1) * batch_size] or order[:batch_size]
+    return order[offset * batch_size : (offset + 1) * batch_size] or order[:batch_size]
 
 
 def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any) -> None:
@@ -156,9 +167,14 @@ def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any
         tensors, layout = _flatten_optimizer(optimizer.state_dict())
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(staging / "optimizer.safetensors"))
-        write_json(staging / "state.json", {
-            "step": step, "optimizer": layout, "scheduler": scheduler.state_dict(),
-        })
+        write_json(
+            staging / "state.json",
+            {
+                "step": step,
+                "optimizer": layout,
+                "scheduler": scheduler.state_dict(),
+            },
+        )
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -191,7 +207,9 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[str, Any]:
+def _unflatten_optimizer(
+    tensors: dict[str, torch.Tensor], layout: dict[str, Any]
+) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
@@ -201,7 +219,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict[str, Any
     return {"state": state, "param_groups": layout["param_groups"]}
 
 
-def publish(target: Path, model: PeftModel, summary: dict[str, Any], curve: list[tuple[int, float]]) -> None:
+def publish(
+    target: Path, model: PeftModel, summary: dict[str, Any], curve: list[tuple[int, float]]
+) -> None:
     """Write the final adapter, summary and loss curve to `target` in one atomic rename."""
     with atomic_dir(target) as staging:
         model.save_pretrained(str(staging), safe_serialization=True)
@@ -210,10 +230,13 @@ def publish(target: Path, model: PeftModel, summary: dict[str, Any], curve: list
         write_json(staging / "loss_curve.json", [[s, loss] for s, loss in curve])
         if curve:
             (staging / "loss_curve.png").write_bytes(
-                plots.loss_curve([s for s, _ in curve], [loss for _, loss in curve]))
+                plots.loss_curve([s for s, _ in curve], [loss for _, loss in curve])
+            )
 
 
-def _result(spec: TrainSpec, summary: dict[str, Any], curve: list[tuple[int, float]]) -> StageResult:
+def _result(
+    spec: TrainSpec, summary: dict[str, Any], curve: list[tuple[int, float]]
+) -> StageResult:
     metadata = {
         "path": path_value(spec.layout.checkpoint),
         "steps": number(summary["steps"]),

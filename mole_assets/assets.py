@@ -5,11 +5,9 @@ and let Pipes carry metadata, data versions and check results back. Pipes assets
 output; each stage finds its inputs by the run's volume layout.
 """
 
-
+import warnings
 from collections.abc import Iterator
 from typing import Any
-
-import warnings
 
 import dagster as dg
 from pydantic import Field
@@ -66,9 +64,7 @@ def routing_dataset_asset(config: MoleConfig) -> dg.AssetsDefinition:
             _check("images_decodable", "routing_dataset", "Every image decodes.", blocking=True),
         ],
     )
-    def routing_dataset(
-        context: dg.AssetExecutionContext, mole: MoleResource
-    ) -> Iterator[Any]:
+    def routing_dataset(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterator[Any]:
         yield from mole.launch(context, mole.spec(context.partition_key))
 
     return routing_dataset
@@ -81,15 +77,16 @@ def routing_dataset_asset(config: MoleConfig) -> dg.AssetsDefinition:
     kinds={"python", "safetensors"},
     code_version="1",
     description="Qwen3VLProcessor-tokenized shards with answer-only labels and sized pixels.",
-    check_specs=[_check("splits_nonempty", "tokenized_shards", "Every split holds samples.",
-                        blocking=True)],
+    check_specs=[
+        _check("splits_nonempty", "tokenized_shards", "Every split holds samples.", blocking=True)
+    ],
 )
 def tokenized_shards(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterator[Any]:
     """Tokenize the run's routing dataset (builds the cached tiny base on first use)."""
     yield from mole.launch(context, mole.spec(context.partition_key))
 
 
-class TrainConfig(dg.Config):  # type: ignore[misc]
+class TrainConfig(dg.Config):
     """Router training run config; unset values come from the model preset."""
 
     mode: str = Field("full", description="full, fast (20 steps) or test (small subset).")
@@ -115,8 +112,9 @@ def router_checkpoint(
 ) -> Iterator[Any]:
     """Train the router LoRA (resumes from the newest resume point)."""
     if config.mode not in ("full", "fast", "test"):
-        raise dg.Failure(f"router_checkpoint config: mode must be full, fast or test, "
-                         f"got {config.mode!r}")
+        raise dg.Failure(
+            f"router_checkpoint config: mode must be full, fast or test, got {config.mode!r}"
+        )
     spec = mole.spec(context.partition_key, **config.model_dump())
     yield from mole.launch(context, spec)
 
@@ -128,9 +126,14 @@ def router_checkpoint(
     kinds={"pytorch", "json"},
     code_version="1",
     description="Held-out eval: accuracy, macro-F1, per-class P/R/F1, confusion matrix.",
-    check_specs=[_check("accuracy_gate", "eval_report",
-                        "Eval accuracy reaches router.min_accuracy (gates deployment).",
-                        blocking=True)],
+    check_specs=[
+        _check(
+            "accuracy_gate",
+            "eval_report",
+            "Eval accuracy reaches router.min_accuracy (gates deployment).",
+            blocking=True,
+        )
+    ],
     pool="gpu",
 )
 def eval_report(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterator[Any]:

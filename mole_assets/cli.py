@@ -89,12 +89,18 @@ def materialize(name: str, selection: Any, mode: str | None = None) -> dg.Execut
     # Record the expert datasets' current versions so lineage and staleness reflect this run.
     defs.resolve_job_def(observe_experts_job.name).execute_in_process(instance=inst)
     assets = router_assets(load_config())
+    selected = dg.AssetSelection.from_coercible(selection).resolve(defs.resolve_asset_graph())
     run_config: dict[str, Any] = {}
-    if mode:
+    if mode and dg.AssetKey("router_checkpoint") in selected:
         run_config = {"ops": {"router_checkpoint": {"config": {"mode": mode}}}}
     return dg.materialize(
-        assets, instance=inst, partition_key=name, selection=selection,
-        resources={"mole": MoleResource()}, run_config=run_config, raise_on_error=False,
+        assets,
+        instance=inst,
+        partition_key=name,
+        selection=selection,
+        resources={"mole": MoleResource()},
+        run_config=run_config,
+        raise_on_error=False,
         tags={"mole/run": name},
     )
 
@@ -126,8 +132,13 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         for message in _failure_messages(result):
             print(f"failed: {message}", file=sys.stderr)
         return 1
-    keys = sorted({e.asset_key.to_user_string() for e in result.get_asset_materialization_events()
-                   if e.asset_key is not None})
+    keys = sorted(
+        {
+            e.asset_key.to_user_string()
+            for e in result.get_asset_materialization_events()
+            if e.asset_key is not None
+        }
+    )
     print(f"run {name}: materialized {', '.join(keys)}")
     return 0
 
@@ -159,8 +170,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     report_dir = _layout(args.name).report
     path = report_dir / ("report.json" if args.json else "report.md")
     if not path.is_file():
-        raise CliError(f"{path}: no eval report for run {args.name!r}; fix: "
-                       f"`mole materialize {args.name}`")
+        raise CliError(
+            f"{path}: no eval report for run {args.name!r}; fix: `mole materialize {args.name}`"
+        )
     print(path.read_text().rstrip())
     return 0
 

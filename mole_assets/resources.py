@@ -1,6 +1,5 @@
 """The `mole` resource: where config and volumes live, and how a stage's compute is launched."""
 
-
 import os
 import sys
 from collections.abc import Iterator
@@ -9,7 +8,7 @@ from typing import Any
 
 import dagster as dg
 
-from modal_jobs.config import MoleConfig, load_config
+from modal_jobs.config import ConfigError, MoleConfig, load_config
 from modal_jobs.layout import Volumes
 from modal_jobs.stage import StageSpec
 
@@ -24,7 +23,7 @@ STAGES = {
 }
 
 
-class MoleResource(dg.ConfigurableResource):  # type: ignore[misc]
+class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Config dir, `MOLE_HOME` and backend; launches stages as Pipes subprocesses.
 
     Empty fields fall back to `MOLE_CONFIG_DIR`, `MOLE_HOME` and `MOLE_BACKEND`.
@@ -51,8 +50,9 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[misc]
         """`backend`, else `MOLE_BACKEND`, else `local`; unknown values fail clearly."""
         backend = self.backend or os.environ.get("MOLE_BACKEND", "local")
         if backend not in BACKENDS:
-            raise dg.Failure(
-                f"MOLE_BACKEND={backend!r} is not supported by this version; use one of {BACKENDS}"
+            raise ConfigError(
+                f"MOLE_BACKEND={backend!r} is not supported by this version; "
+                f"fix: use one of {BACKENDS}"
             )
         return backend
 

@@ -1,0 +1,1 @@
+"""mole test-suite."""

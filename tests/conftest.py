@@ -1,0 +1,84 @@
+"""Shared fixtures: one MOLE_HOME per test session (the tiny base is built once), demo experts,
+and per-test config dirs and Dagster instances in temp folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from modal_jobs.demo_data import write_demo_data
+
+REPO = Path(__file__).resolve().parents[1]
+PER_EXPERT = 24
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mole_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A session-wide MOLE_HOME so the cached tiny base is built once."""
+    home = tmp_path_factory.mktemp("mole_home")
+    old = {k: os.environ.get(k) for k in ("MOLE_HOME", "DAGSTER_HOME", "MOLE_CONFIG_DIR")}
+    os.environ["MOLE_HOME"] = str(home)
+    yield home
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def experts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic expert datasets (PER_EXPERT samples each), shared read-only by tests."""
+    out = tmp_path_factory.mktemp("experts")
+    write_demo_data(out, PER_EXPERT, seed=5)
+    return out
+
+
+MakeConfig = Callable[..., Path]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, experts_dir: Path) -> MakeConfig:
+    """Copy config/ into a temp dir, pointing at `experts` (default: the demo experts)."""
+
+    def make(
+        experts: Path | None = None,
+        count: int = PER_EXPERT,
+        min_accuracy: float = 0.0,
+        dataset: dict[str, Any] | None = None,
+    ) -> Path:
+        target = tmp_path / "config"
+        shutil.copytree(REPO / "config", target, dirs_exist_ok=True)
+        data = yaml.safe_load((target / "dataset.yaml").read_text())
+        data["experts_dir"] = str(experts or experts_dir)
+        data["experts"] = {name: {**spec, "count": count} for name, spec in data["experts"].items()}
+        data.update(dataset or {})
+        (target / "dataset.yaml").write_text(yaml.safe_dump(data))
+        loras = json.loads((target / "loras.json").read_text())
+        loras["router"]["min_accuracy"] = min_accuracy
+        (target / "loras.json").write_text(json.dumps(loras))
+        return target
+
+    return make
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh Dagster instance directory for this test."""
+    home = tmp_path / "dagster"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+def copy_experts(source: Path, target: Path) -> Path:
+    """A private, writable copy of expert datasets (for tests that corrupt them)."""
+    shutil.copytree(source, target)
+    return target
