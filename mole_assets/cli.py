@@ -90,9 +90,9 @@ def materialize(name: str, selection: Any, mode: str | None = None) -> dg.Execut
     defs.resolve_job_def(observe_experts_job.name).execute_in_process(instance=inst)
     assets = router_assets(load_config())
     selected = dg.AssetSelection.from_coercible(selection).resolve(defs.resolve_asset_graph())
-    run_config: dict[str, Any] = {}
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if mode and dg.AssetKey("router_checkpoint") in selected:
-        run_config = {"ops": {"router_checkpoint": {"config": {"mode": mode}}}}
+        run_config["ops"] = {"router_checkpoint": {"config": {"mode": mode}}}
     return dg.materialize(
         assets,
         instance=inst,
