@@ -14,6 +14,7 @@ import logging
 import random
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,24 +72,40 @@ class TrainSpec(StageSpec):
         return self.steps or self.config.preset.train.steps
 
 
+@dataclass(frozen=True)
+class Hyper:
+    """Resolved hyper-parameters of one training run."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+
+
+def hyper_parameters(spec: TrainSpec) -> Hyper:
+    """The spec's hyper-parameters, falling back to the model preset's defaults."""
+    defaults = spec.config.preset.train
+    steps = spec.total_steps()
+    warmup = defaults.warmup_steps if spec.warmup_steps is None else spec.warmup_steps
+    return Hyper(
+        steps=steps,
+        batch_size=spec.batch_size or defaults.batch_size,
+        learning_rate=spec.learning_rate or defaults.learning_rate,
+        warmup_steps=min(warmup, steps // 5),
+    )
+
+
 def run(spec: TrainSpec) -> StageResult:
     """Train (or resume) the router adapter and publish it atomically."""
     started = time.perf_counter()
-    defaults = spec.config.preset.train
-    total = spec.total_steps()
-    batch_size = spec.batch_size or defaults.batch_size
-    lr = spec.learning_rate or defaults.learning_rate
-    warmup = min(
-        spec.warmup_steps if spec.warmup_steps is not None else defaults.warmup_steps, total // 5
-    )
+    hyper = hyper_parameters(spec)
 
     # data
     index = read_index(spec.layout.shards)
     train = load_split(spec.layout.shards, index, "train")
     if spec.mode == "test":
-        keep = np.random.default_rng(spec.seed).permutation(len(train.items))[:TEST_SAMPLES]
-        train = Split([train.items[i] for i in sorted(keep)], train.classes[sorted(keep)])
-    bounds = ImageBounds(**index["image_bounds"])
+        keep = sorted(np.random.default_rng(spec.seed).permutation(len(train.items))[:TEST_SAMPLES])
+        train = Split([train.items[i] for i in keep], train.classes[keep])
 
     # model
     runtime = Runtime.detect()
@@ -96,23 +113,75 @@ def run(spec: TrainSpec) -> StageResult:
     torch.manual_seed(spec.seed)
     model = get_peft_model(load_base(index["base"], runtime), lora_config(spec.config.preset.lora))
 
-    # optimizer
+    # optimizer (and the newest resume point, if a previous attempt left one)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = adamw(trainable, lr, warmup, total)
+    optimizer, scheduler = adamw(trainable, hyper.learning_rate, hyper.warmup_steps, hyper.steps)
     start = resume(spec.layout.resume, model, optimizer, scheduler)
 
     # loop
+    batches = Batches(processor, train, ImageBounds(**index["image_bounds"]), runtime.device)
+    loop = train_loop(spec, hyper, model, batches, (optimizer, scheduler), start)
+
+    # checkpoint
+    summary = {
+        "base": index["base"],
+        "labels": index["labels"],
+        "resumed_from": start,
+        **asdict(hyper),
+        "mode": spec.mode,
+        "shards_version": index["shards_version"],
+        "final_loss": loop.curve[-1][1] if loop.curve else None,
+        "tokens_per_second": loop.tokens / loop.seconds if loop.seconds > 0 else 0.0,
+        "wall_seconds": time.perf_counter() - started,
+        "device": str(runtime.device),
+    }
+    publish(spec.layout.checkpoint, model, summary, loop.curve)
+    shutil.rmtree(spec.layout.resume, ignore_errors=True)
+    return _result(spec, summary, loop.curve)
+
+
+@dataclass(frozen=True)
+class Batches:
+    """Turns a step number into a collated batch on the device."""
+
+    processor: Any
+    split: Split
+    bounds: ImageBounds
+    device: torch.device
+
+    def at(self, step: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+        """The batch of `step` (deterministic, so a resumed run sees the same data)."""
+        picks = batch_indices(len(self.split.items), batch_size, step, seed)
+        batch = collate(self.processor, [self.split.items[i] for i in picks], self.bounds)
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+
+@dataclass
+class LoopStats:
+    """What the loop measured: loss per step, real (non-padding) tokens and seconds."""
+
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def train_loop(
+    spec: TrainSpec,
+    hyper: Hyper,
+    model: PeftModel,
+    batches: Batches,
+    schedule: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+    start: int,
+) -> LoopStats:
+    """Optimise from `start` to `hyper.steps`, logging to TensorBoard and saving resume points."""
+    optimizer, scheduler = schedule
+    trainable = [p for p in model.parameters() if p.requires_grad]
     writer = SummaryWriter(str(spec.layout.tensorboard))
-    curve: list[tuple[int, float]] = []
-    tokens = 0
-    loop_started = time.perf_counter()
+    stats = LoopStats()
+    began = time.perf_counter()
     model.train()
-    for step in range(start, total):
-        picks = batch_indices(len(train.items), batch_size, step, spec.seed)
-        batch = {
-            k: v.to(runtime.device)
-            for k, v in collate(processor, [train.items[i] for i in picks], bounds).items()
-        }
+    for step in range(start, hyper.steps):
+        batch = batches.at(step, hyper.batch_size, spec.seed)
         labels = batch.pop("labels")
         loss = answer_loss(model(**batch).logits, labels)
         loss.backward()
@@ -120,36 +189,18 @@ def run(spec: TrainSpec) -> StageResult:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
-        curve.append((step + 1, loss.item()))
-        writer.add_scalar("train/loss", curve[-1][1], step + 1)
-        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step + 1)
-        if (step + 1) % spec.log_every == 0 or step + 1 == total:
-            log.info("step %d/%d loss %.4f", step + 1, total, curve[-1][1])
-        if (step + 1) % spec.checkpoint_every == 0 and step + 1 < total:
-            save_state(spec.layout.resume, step + 1, model, optimizer, scheduler)
+        done = step + 1
+        stats.tokens += int(batch["attention_mask"].sum())
+        stats.curve.append((done, loss.item()))
+        writer.add_scalar("train/loss", stats.curve[-1][1], done)
+        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+        if done % spec.log_every == 0 or done == hyper.steps:
+            log.info("step %d/%d loss %.4f", done, hyper.steps, stats.curve[-1][1])
+        if done % spec.checkpoint_every == 0 and done < hyper.steps:
+            save_state(spec.layout.resume, done, model, optimizer, scheduler)
     writer.close()
-    loop_seconds = time.perf_counter() - loop_started
-
-    # checkpoint
-    summary = {
-        "base": index["base"],
-        "labels": index["labels"],
-        "steps": total,
-        "resumed_from": start,
-        "batch_size": batch_size,
-        "learning_rate": lr,
-        "warmup_steps": warmup,
-        "mode": spec.mode,
-        "shards_version": index["shards_version"],
-        "final_loss": curve[-1][1] if curve else None,
-        "tokens_per_second": tokens / loop_seconds if loop_seconds > 0 else 0.0,
-        "wall_seconds": time.perf_counter() - started,
-        "device": str(runtime.device),
-    }
-    publish(spec.layout.checkpoint, model, summary, curve)
-    shutil.rmtree(spec.layout.resume, ignore_errors=True)
-    return _result(spec, summary, curve)
+    stats.seconds = time.perf_counter() - began
+    return stats
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:

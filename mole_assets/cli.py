@@ -29,6 +29,9 @@ def instance() -> dg.DagsterInstance:
     """The Dagster instance: `DAGSTER_HOME`, default `MOLE_HOME/dagster`."""
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(mole_home() / "dagster")))
     home.mkdir(parents=True, exist_ok=True)
+    settings = home / "dagster.yaml"
+    if not settings.exists():
+        settings.write_text("# Dagster instance settings for mole (SQLite storage here).\n")
     return dg.DagsterInstance.get()
 
 
