@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(MOLE_HOME)/dagster
 export MOLE_CONFIG_DIR ?= $(CURDIR)/config
 UI_PORT ?= 3000
 
-.PHONY: setup demo test lint ui clean
+.PHONY: setup demo test lint ui ui-check clean
 
 setup: $(VENV)/.installed
 
@@ -31,11 +31,17 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check modal_jobs mole_assets tests scripts benchmarks
 	$(VENV)/bin/mypy
 
 ui: setup
-	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m mole_assets.instance
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
+
+# Real webserver + headless Chromium screenshot of the lineage (needs `apt-get install chromium`).
+ui-check: setup
+	$(PY) -m pip install -q -e ".[dev,ui]"
+	$(PY) scripts/ui_check.py
 
 clean:
 	rm -rf .mole data/experts

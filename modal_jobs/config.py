@@ -102,6 +102,7 @@ class RouterPolicy(_Strict):
 
     min_accuracy: float = Field(0.8, ge=0, le=1)
     abstain_below: float = Field(0.5, ge=0, le=1)
+    auto_deploy: bool = False
 
 
 class ExpertAdapter(_Strict):

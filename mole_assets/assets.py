@@ -5,7 +5,7 @@ and let Pipes carry metadata, data versions and check results back. Pipes assets
 output; each stage finds its inputs by the run's volume layout.
 """
 
-import warnings
+import enum
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,9 +16,6 @@ from modal_jobs.config import MoleConfig
 from modal_jobs.hashing import expert_version
 from mole_assets.partitions import run_names
 from mole_assets.resources import MoleResource
-
-# Observable source assets are marked beta; they are the documented way to version external data.
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 GROUP = "router"
 EXPERTS_PREFIX = "expert_datasets"
@@ -86,10 +83,18 @@ def tokenized_shards(context: dg.AssetExecutionContext, mole: MoleResource) -> I
     yield from mole.launch(context, mole.spec(context.partition_key))
 
 
+class TrainMode(enum.Enum):
+    """How much to train: the preset's steps, 20 steps, or a few steps on a small subset."""
+
+    full = "full"
+    fast = "fast"
+    test = "test"
+
+
 class TrainConfig(dg.Config):
     """Router training run config; unset values come from the model preset."""
 
-    mode: str = Field("full", description="full, fast (20 steps) or test (small subset).")
+    mode: TrainMode = Field(TrainMode.full, description="full, fast (20 steps) or test.")
     steps: int | None = Field(None, description="Optimizer steps (full mode).")
     batch_size: int | None = None
     learning_rate: float | None = None
@@ -111,11 +116,7 @@ def router_checkpoint(
     context: dg.AssetExecutionContext, config: TrainConfig, mole: MoleResource
 ) -> Iterator[Any]:
     """Train the router LoRA (resumes from the newest resume point)."""
-    if config.mode not in ("full", "fast", "test"):
-        raise dg.Failure(
-            f"router_checkpoint config: mode must be full, fast or test, got {config.mode!r}"
-        )
-    spec = mole.spec(context.partition_key, **config.model_dump())
+    spec = mole.spec(context.partition_key, **config.model_dump(mode="json"))
     yield from mole.launch(context, spec)
 
 

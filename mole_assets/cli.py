@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -15,7 +14,8 @@ import dagster as dg
 
 from modal_jobs.config import load_config
 from modal_jobs.errors import MoleError
-from modal_jobs.layout import Volumes, mole_home
+from modal_jobs.layout import Volumes
+from mole_assets.instance import instance
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 DEFAULT_TARGET = "eval_report"
@@ -23,16 +23,6 @@ DEFAULT_TARGET = "eval_report"
 
 class CliError(MoleError):
     """A command-line usage problem."""
-
-
-def instance() -> dg.DagsterInstance:
-    """The Dagster instance: `DAGSTER_HOME`, default `MOLE_HOME/dagster`."""
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(mole_home() / "dagster")))
-    home.mkdir(parents=True, exist_ok=True)
-    settings = home / "dagster.yaml"
-    if not settings.exists():
-        settings.write_text("# Dagster instance settings for mole (SQLite storage here).\n")
-    return dg.DagsterInstance.get()
 
 
 def check_run_name(name: str) -> str:

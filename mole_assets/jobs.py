@@ -14,6 +14,13 @@ train_router_job = dg.define_asset_job(
     description="Dataset → shards → router checkpoint → eval report for one run.",
 )
 
+train_and_deploy_job = dg.define_asset_job(
+    "train_and_deploy_router",
+    selection=TRAIN_SELECTION | DEPLOY_SELECTION,
+    partitions_def=run_names,
+    description="The whole chain; deployment still waits for the blocking accuracy check.",
+)
+
 deploy_router_job = dg.define_asset_job(
     "deploy_router",
     selection=DEPLOY_SELECTION,

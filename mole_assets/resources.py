@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 
 from modal_jobs.config import ConfigError, MoleConfig, load_config
-from modal_jobs.layout import Volumes
+from modal_jobs.layout import Volumes, mole_home
 from modal_jobs.stage import StageSpec
 
 BACKENDS = ("local",)
@@ -37,9 +37,13 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         """The validated config (read fresh, so edits apply to the next materialization)."""
         return load_config(Path(self.config_dir) if self.config_dir else None)
 
+    def home_path(self) -> Path:
+        """`home`, else `MOLE_HOME`: local volumes, caches and sensor state."""
+        return Path(self.home).resolve() if self.home else mole_home()
+
     def volumes(self) -> Volumes:
-        """The local volumes under `MOLE_HOME`."""
-        return Volumes.local(Path(self.home) if self.home else None)
+        """The local volumes under the home folder."""
+        return Volumes.local(self.home_path())
 
     def spec(self, run: str, **extra: Any) -> dict[str, Any]:
         """The JSON stage spec for `run` (plus stage-specific fields)."""

@@ -82,3 +82,14 @@ def copy_experts(source: Path, target: Path) -> Path:
     """A private, writable copy of expert datasets (for tests that corrupt them)."""
     shutil.copytree(source, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_base(mole_home: Path) -> str:
+    """Build (once per session) and return the cached tiny base the graph runs on."""
+    from modal_jobs.config import load_config
+    from modal_jobs.layout import Volumes
+    from modal_jobs.presets import resolve_base
+
+    config = load_config(REPO / "config")
+    return resolve_base(config.loras.base_model, config.preset, Volumes.local(mole_home).models)

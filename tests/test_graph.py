@@ -70,7 +70,9 @@ def _materialize(
 
 
 @pytest.fixture(scope="module")
-def materialized(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path) -> Materialized:
+def materialized(
+    tmp_path_factory: pytest.TempPathFactory, experts_dir: Path, tiny_base: str
+) -> Materialized:
     root = tmp_path_factory.mktemp("graph")
     os.environ["DAGSTER_HOME"] = str(root / "dagster")
     (root / "dagster").mkdir()
