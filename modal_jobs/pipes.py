@@ -21,8 +21,10 @@ from modal_jobs.errors import MoleError
 from modal_jobs.stage import StageResult, StageSpec
 
 S = TypeVar("S", bound=StageSpec)
-# Exit status for bad input: Dagster's retry policy treats it as final (not an infra failure).
+# Exit status for bad input (a user error, not an infrastructure failure).
 EXIT_BAD_INPUT = 3
+# Pipes extra naming the file a stage writes its bad-input message to before failing.
+BAD_INPUT_EXTRA = "bad_input_file"
 
 
 class _PipesLogHandler(logging.Handler):
@@ -73,6 +75,10 @@ def _run_under_pipes(run: Callable[[S], StageResult], spec_type: type[S]) -> Non
         logging.getLogger().addHandler(handler)
         try:
             result = run(spec_type.model_validate(context.extras["spec"]))
+        except MoleError as exc:
+            # The launcher turns this file into a non-retried failure that shows the message.
+            Path(context.extras[BAD_INPUT_EXTRA]).write_text(str(exc))
+            raise
         finally:
             logging.getLogger().removeHandler(handler)
         report(context, result)

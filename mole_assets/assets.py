@@ -18,6 +18,9 @@ from mole_assets.partitions import run_names
 from mole_assets.resources import MoleResource
 
 GROUP = "router"
+# Infrastructure failures (a killed worker, a lost machine) are retried; bad input is raised as a
+# `dg.Failure(allow_retries=False)` by the launcher and fails once.
+RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 EXPERTS_PREFIX = "expert_datasets"
 
 
@@ -52,6 +55,7 @@ def routing_dataset_asset(config: MoleConfig) -> dg.AssetsDefinition:
         partitions_def=run_names,
         deps=[dg.AssetKey([EXPERTS_PREFIX, n]) for n in sorted(config.dataset.experts)],
         group_name=GROUP,
+        retry_policy=RETRY,
         kinds={"python", "jsonl"},
         code_version="1",
         description="Validated, balanced train/val/eval split of the expert datasets.",
@@ -71,6 +75,7 @@ def routing_dataset_asset(config: MoleConfig) -> dg.AssetsDefinition:
     partitions_def=run_names,
     deps=["routing_dataset"],
     group_name=GROUP,
+    retry_policy=RETRY,
     kinds={"python", "safetensors"},
     code_version="1",
     description="Qwen3VLProcessor-tokenized shards with answer-only labels and sized pixels.",
@@ -107,6 +112,7 @@ class TrainConfig(dg.Config):
     partitions_def=run_names,
     deps=["tokenized_shards"],
     group_name=GROUP,
+    retry_policy=RETRY,
     kinds={"pytorch", "safetensors"},
     code_version="1",
     description="Router LoRA (language model only): adapter_config.json + safetensors.",
@@ -124,6 +130,7 @@ def router_checkpoint(
     partitions_def=run_names,
     deps=["router_checkpoint"],
     group_name=GROUP,
+    retry_policy=RETRY,
     kinds={"pytorch", "json"},
     code_version="1",
     description="Held-out eval: accuracy, macro-F1, per-class P/R/F1, confusion matrix.",
@@ -146,6 +153,7 @@ def eval_report(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterat
     partitions_def=run_names,
     deps=["eval_report"],
     group_name=GROUP,
+    retry_policy=RETRY,
     kinds={"json"},
     code_version="1",
     description="The router published to the inference volume and made current in the registry.",

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import dagster as dg
 
 from modal_jobs.config import ConfigError, MoleConfig, load_config
 from modal_jobs.layout import Volumes, mole_home
+from modal_jobs.pipes import BAD_INPUT_EXTRA
 from modal_jobs.stage import StageSpec
 
 BACKENDS = ("local",)
@@ -21,6 +23,12 @@ STAGES = {
     "eval_report": "evaluate",
     "deployed_router": "deploy",
 }
+
+
+def raise_bad_input(message_file: Path) -> None:
+    """If the stage reported bad input, fail with its message and no retries (data is wrong)."""
+    if message_file.is_file():
+        raise dg.Failure(description=message_file.read_text(), allow_retries=False) from None
 
 
 class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -77,10 +85,16 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         stage = STAGES[context.asset_key.to_user_string()]
         client = dg.PipesSubprocessClient()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        invocation = client.run(
-            command=[sys.executable, "-m", f"modal_jobs.{stage}"],
-            context=context,
-            extras={"spec": spec},
-            env=env,
-        )
+        with tempfile.TemporaryDirectory() as scratch:
+            bad_input = Path(scratch) / "bad_input.txt"
+            try:
+                invocation = client.run(
+                    command=[sys.executable, "-m", f"modal_jobs.{stage}"],
+                    context=context,
+                    extras={"spec": spec, BAD_INPUT_EXTRA: str(bad_input)},
+                    env=env,
+                )
+            except Exception:  # the stage failed; it may have said why the input is bad
+                raise_bad_input(bad_input)
+                raise
         yield from invocation.get_results()
