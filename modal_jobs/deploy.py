@@ -112,18 +112,29 @@ def current_router(volumes: Volumes) -> Path:
 
 
 def rollback(volumes: Volumes) -> str:
-    """Make the previously deployed version current again; returns it."""
+    """Make the router that was current before the present one current again; returns it.
+
+    The registry's history lists every change of `current` in order (deployments and rollbacks),
+    so rolling back twice walks further back rather than toggling between two versions.
+    """
     with deploy_lock(volumes):
         registry = read_registry(volumes)
-        versions = [entry["version"] for entry in registry["history"]]
-        earlier = [v for v in versions if v != registry["current"]]
-        if not earlier:
-            raise DeployError(f"{volumes.registry}: no earlier deployment to roll back to")
+        current = registry["current"]
+        stack = [entry["version"] for entry in registry["history"] if "rollback_from" not in entry]
+        rolled_back = {
+            entry["rollback_from"] for entry in registry["history"] if "rollback_from" in entry
+        }
+        earlier = [v for v in stack if v != current and v not in rolled_back]
+        if not current or not earlier:
+            raise DeployError(
+                f"{volumes.registry}: no earlier deployment to roll back to; "
+                "fix: deploy another run first (`mole deploy RUN`)"
+            )
         previous = earlier[-1]
         registry["history"].append(
             {
                 "version": previous,
-                "rollback_from": registry["current"],
+                "rollback_from": current,
                 "deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             }
         )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 
@@ -231,19 +232,27 @@ def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any
 
 
 def resume(root: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
-    """Restore the newest complete resume point; return the step to continue from (0 if none)."""
-    points = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    if not points:
-        return 0
-    point = points[-1]
-    state = json.loads((point / "state.json").read_text())
-    set_peft_model_state_dict(model, load_file(str(point / "adapter.safetensors")))
-    tensors = load_file(str(point / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    log.info("resumed from %s (step %d)", point, state["step"])
-    return int(state["step"])
+    """Restore the newest readable resume point; return the step to continue from (0 if none).
+
+    Points are complete by construction (renamed into place whole); one damaged afterwards (a
+    truncated file, a bad disk) is skipped with a warning in favour of the one before it.
+    """
+    for point in sorted(root.glob("step-*"), reverse=True):
+        try:
+            state = json.loads((point / "state.json").read_text())
+            adapter = load_file(str(point / "adapter.safetensors"))
+            tensors = load_file(str(point / "optimizer.safetensors"))
+            rng = tensors.pop("rng.torch")
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            log.warning("skipping unreadable resume point %s: %s", point, exc)
+            continue
+        set_peft_model_state_dict(model, adapter)
+        torch.set_rng_state(rng)
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        log.info("resumed from %s (step %d)", point, state["step"])
+        return int(state["step"])
+    return 0
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
