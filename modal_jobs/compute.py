@@ -123,7 +123,8 @@ def functions(gpu: Gpu | None = None) -> dict[str, FunctionResources]:
         FunctionResources(
             "deploy_router", "cpu", None, 1, 2048, 15 * MINUTE, 1, (DATA_VOLUME, INFERENCE_VOLUME)
         ),
-        FunctionResources("tensorboard", "cpu", None, 1, 2048, 1 * HOUR, 1, (DATA_VOLUME,)),
+        # Web endpoints take no retries (Modal refuses them); a failed request is simply retried.
+        FunctionResources("tensorboard", "cpu", None, 1, 2048, 1 * HOUR, 0, (DATA_VOLUME,)),
     ]
     return {resources.name: resources for resources in table}
 
