@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(MOLE_HOME)/dagster
 export MOLE_CONFIG_DIR ?= $(CURDIR)/config
 UI_PORT ?= 3000
 
-.PHONY: setup demo test lint ui clean
+.PHONY: setup demo test lint ui tensorboard clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ lint: setup
 ui: setup
 	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
+
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(MOLE_HOME)/volumes/moe-lora-data/runs --host 127.0.0.1
 
 clean:
 	rm -rf .mole data/experts

@@ -33,8 +33,6 @@ from .conftest import PER_EXPERT, REPO, MakeConfig
 from .modal_substituted import FolderVolume, remap
 
 HARNESS = Path(__file__).with_name("modal_substituted.py")
-TEST_MODE = {"ops": {"router_checkpoint": {"config": {"mode": "test", "checkpoint_every": 3}}}}
-COMPARED = ("routing_dataset", "tokenized_shards", "router_checkpoint")
 
 
 # --- the app's functions: built from the one resource table ----------------------------------
@@ -194,15 +192,28 @@ def _materialize(instance: dg.DagsterInstance, config_dir: Path, run: str, backe
         router_assets(load_config(config_dir)),
         instance=instance,
         partition_key=run,
-        selection=dg.AssetSelection.assets("router_checkpoint").upstream(),
+        selection=dg.AssetSelection.assets("tokenized_shards"),
         resources={"mole": MoleResource(config_dir=str(config_dir), backend=backend)},
-        run_config=TEST_MODE,
         raise_on_error=False,
+    )
+
+
+def _routing_dataset(config_dir: Path, local: Volumes, cloud_data: Path) -> None:
+    """Both runs' routing dataset: built once, and `cmp-modal`'s copy put where the cloud is."""
+    from modal_jobs import dataset
+    from modal_jobs.stage import StageSpec
+
+    spec = StageSpec(run="cmp-local", config=load_config(config_dir), volumes=local)
+    dataset.run(spec)
+    shutil.copytree(
+        spec.layout.dataset,
+        Volumes(cloud_data, local.inference, local.models).run("cmp-modal").dataset,
     )
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path) -> Iterator[Compared]:
+    """`tokenized_shards` materialized by the local backend and by the substituted Modal one."""
     root = tmp_path_factory.mktemp("modal")
     config_dir = root / "config"
     shutil.copytree(REPO / "config", config_dir)
@@ -216,12 +227,14 @@ def compared(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path) -> Ite
         f"/vol/{INFERENCE_VOLUME}": str(root / "cloud-inference"),
         f"/vol/{HF_CACHE_VOLUME}": str(local.models),  # the tiny base, built once per session
     }
+    _routing_dataset(config_dir, local, root / "cloud-data")
     (root / "calls").mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DAGSTER_HOME", str(root / "dagster"))
         patch.setenv("MOLE_TEST_MOUNTS", json.dumps(mounts))
         patch.setenv("MOLE_TEST_CALLS", str(root / "calls"))
         patch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        patch.delenv(compute.GPU_ENV, raising=False)
         patch.setattr(MoleResource, "modal_client", lambda self: SubstitutedModalClient(REPO))
         (root / "dagster").mkdir()
         instance = dg.DagsterInstance.get()
@@ -260,17 +273,18 @@ def test_modal_entrypoint_with_cloud_substituted_reports_local_metadata(
     compared: Compared,
 ) -> None:
     assert compared.local.success and compared.modal.success
-    for asset in COMPARED:
-        local, remote = _metadata(compared.local, asset), _metadata(compared.modal, asset)
-        assert sorted(local) == sorted(remote), asset
-        assert {k: type(v) for k, v in local.items()} == {k: type(v) for k, v in remote.items()}
-        assert local["compute_backend"].value == "local"
-        assert remote["compute_backend"].value == "modal"
-    assert _checks(compared.local) == _checks(compared.modal)
-    train = _metadata(compared.modal, "router_checkpoint")
-    assert train["gpu"].value == str(compute.training_gpu())
-    assert train["gpu_seconds"].value > 0 and train["estimated_cost_usd"].value > 0
-    assert _metadata(compared.local, "router_checkpoint")["estimated_cost_usd"].value == 0.0
+    local = _metadata(compared.local, "tokenized_shards")
+    remote = _metadata(compared.modal, "tokenized_shards")
+    assert sorted(local) == sorted(remote)
+    assert {k: type(v) for k, v in local.items()} == {k: type(v) for k, v in remote.items()}
+    assert local["compute_backend"].value == "local" and remote["compute_backend"].value == "modal"
+    assert local["estimated_cost_usd"].value == 0.0
+    assert remote["gpu"].value == "none" and remote["estimated_cost_usd"].value > 0
+    assert (
+        _checks(compared.local)
+        == _checks(compared.modal)
+        == {("tokenized_shards", "splits_nonempty", True)}
+    )
 
 
 def test_modal_shards_from_map_fan_out_identical_to_local(compared: Compared) -> None:
@@ -278,23 +292,43 @@ def test_modal_shards_from_map_fan_out_identical_to_local(compared: Compared) ->
     remote = json.loads((compared.cloud_layout.shards / "index.json").read_text())
     assert remote["shards_version"] == local["shards_version"]
     assert remote["splits"] == local["splits"]
-    shards_calls = json.loads((compared.calls / "shards.json").read_text())
-    assert len(shards_calls) == 2 + len([f for s in local["splits"].values() for f in s["files"]])
-    # The dataset was built here and uploaded; the cloud copy holds the same files.
-    assert (compared.cloud_layout.dataset / ".uploaded.json").is_file()
-    assert (compared.cloud_layout.dataset / "train.jsonl").read_bytes() == (
-        compared.local_layout.dataset / "train.jsonl"
-    ).read_bytes()
+    for split in local["splits"].values():
+        for shard in split["files"]:
+            assert (compared.cloud_layout.shards / shard["name"]).read_bytes() == (
+                compared.local_layout.shards / shard["name"]
+            ).read_bytes()
+    calls = json.loads((compared.calls / "shards.json").read_text())
+    chunks = [f for s in local["splits"].values() for f in s["files"]]
+    assert len(calls) == 2 + len(chunks)  # plan, one .map() call per chunk, finish
+    assert all(call[0]["volumes"]["data"] == "/vol/moe-lora-data" for call in calls)
+    assert not list(compared.cloud_layout.root.glob(".*parts*"))
+
+
+class RecordingTrain:
+    """`train_router` with the cloud substituted: records what the entrypoint sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def remote(self, spec: dict[str, Any]) -> dict[str, Any]:
+        self.sent.append(spec)
+        return {"data_version": "0" * 16, "metadata": {}, "checks": []}
 
 
 def test_modal_train_entrypoint_passes_volume_resume_location_with_cloud_substituted(
-    compared: Compared,
+    tmp_path: Path, make_config: MakeConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (sent,) = json.loads((compared.calls / "train.json").read_text())
-    spec = TrainSpec.model_validate(sent[0])
-    assert spec.layout.resume == Path("/vol/moe-lora-data/runs/cmp-modal/train_state")
-    assert spec.mode == "test" and spec.checkpoint_every == 3
-    assert (compared.cloud_layout.checkpoint / "adapter_model.safetensors").is_file()
+    spec = TrainSpec(run="r7", config=load_config(make_config()), volumes=Volumes.local(tmp_path))
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    train = RecordingTrain()
+    cloud.launch("router_checkpoint", str(spec_file), {"train_router": train})
+    (sent,) = train.sent
+    assert TrainSpec.model_validate(sent).layout.resume == Path(
+        "/vol/moe-lora-data/runs/r7/train_state"
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["metadata"]["compute_backend"]["raw_value"] == "modal"
 
 
 def test_modal_training_commits_volume_after_each_resume_point_with_cloud_substituted(
@@ -309,22 +343,22 @@ def test_modal_training_commits_volume_after_each_resume_point_with_cloud_substi
             pass
 
         def commit(self) -> None:
-            resume = compared.cloud_layout.resume
-            commits.append(sorted(p.name for p in resume.glob("step-*")))
+            commits.append(sorted(p.name for p in compared.cloud_layout.resume.glob("step-*")))
 
     monkeypatch.delenv(compute.GPU_ENV, raising=False)
     mole_app = importlib.reload(mole_app)  # earlier tests imported it under other GPU settings
     monkeypatch.setattr(mole_app, "_in_container", lambda: True)
     monkeypatch.setattr(mole_app, "data_volume", CountingVolume())
     monkeypatch.setattr(mole_app, "hf_cache_volume", CountingVolume())
-    (sent,) = json.loads((compared.calls / "train.json").read_text())
+    (plan_call, *_) = json.loads((compared.calls / "shards.json").read_text())
+    sent = cloud.container_spec({**plan_call[0], "mode": "test", "checkpoint_every": 2})
     mounts = json.loads(os.environ["MOLE_TEST_MOUNTS"])  # set by the `compared` fixture
-    spec = remap({**sent[0], "checkpoint_every": 2, "mode": "test"}, mounts)
-    mole_app.train_router.local(spec)
-    # test mode trains 8 steps: resume points after 2, 4, 6, each committed, then the final one
-    assert commits[:3] == [
+    result = mole_app.train_router.local(remap(sent, mounts))
+    # test mode trains 8 steps: resume points after 2, 4 and 6, each committed, then the end.
+    assert commits == [
         ["step-0000002"],
         ["step-0000002", "step-0000004"],
         ["step-0000004", "step-0000006"],
+        [],
     ]
-    assert len(commits) == 4
+    assert result["metadata"]["steps"]["raw_value"] == 8
