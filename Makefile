@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(MOLE_HOME)/dagster
 export MOLE_CONFIG_DIR ?= $(CURDIR)/config
 UI_PORT ?= 3000
 
-.PHONY: setup demo test lint ui ui-check clean
+.PHONY: setup demo test lint ui ui-check tensorboard clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,9 @@ ui: setup
 ui-check: setup
 	$(PY) -m pip install -q -e ".[dev,ui]"
 	$(PY) scripts/ui_check.py
+
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(MOLE_HOME)/volumes/moe-lora-data/runs --host 127.0.0.1
 
 clean:
 	rm -rf .mole data/experts

@@ -8,15 +8,18 @@ becomes the materialization (metadata, data version) and asset-check results. Wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
 
+from modal_jobs.compute import Gpu, cost_metadata
 from modal_jobs.errors import MoleError
 from modal_jobs.stage import StageResult, StageSpec
 
@@ -69,19 +72,39 @@ def main(
         raise SystemExit(EXIT_BAD_INPUT) from exc
 
 
+@contextlib.contextmanager
+def forward_logs(context: PipesContext) -> Iterator[None]:
+    """Stream Python logging to Dagster's compute log while the block runs."""
+    handler = _PipesLogHandler(context)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def local_gpu() -> Gpu | None:
+    """The local CUDA device(s), if the stage used torch and CUDA is there."""
+    # Only stages that run a model import torch; importing it here would slow the others down.
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return Gpu(torch.cuda.get_device_name(0), torch.cuda.device_count())
+
+
 def _run_under_pipes(run: Callable[[S], StageResult], spec_type: type[S]) -> None:
     with open_dagster_pipes() as context:
-        handler = _PipesLogHandler(context)
-        logging.getLogger().addHandler(handler)
+        started = time.perf_counter()
         try:
-            result = run(spec_type.model_validate(context.extras["spec"]))
+            with forward_logs(context):
+                result = run(spec_type.model_validate(context.extras["spec"]))
         except MoleError as exc:
             # The launcher turns this file into a non-retried failure that shows the message.
-            Path(context.extras[BAD_INPUT_EXTRA]).write_text(str(exc))
+            if BAD_INPUT_EXTRA in context.extras:
+                Path(context.extras[BAD_INPUT_EXTRA]).write_text(str(exc))
             raise
-        finally:
-            logging.getLogger().removeHandler(handler)
-        report(context, result)
+        seconds = time.perf_counter() - started
+        report(context, result.with_metadata(cost_metadata("local", local_gpu(), seconds)))
 
 
 def _run_by_hand(
@@ -89,6 +112,10 @@ def _run_by_hand(
 ) -> None:
     parser = argparse.ArgumentParser(description="Run one mole stage without Dagster.")
     parser.add_argument("--spec", type=Path, required=True, help="JSON file with the stage spec")
+    parser.add_argument("--result", type=Path, help="also write the result JSON to this file")
     args = parser.parse_args(argv)
     spec: Any = spec_type.model_validate(json.loads(args.spec.read_text()))
-    print(json.dumps(run(spec).to_json(), indent=2, default=str))
+    result = json.dumps(run(spec).to_json(), indent=2, default=str)
+    print(result)
+    if args.result:
+        args.result.write_text(result)

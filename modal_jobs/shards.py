@@ -9,6 +9,7 @@ files of flat arrays plus offsets, memory-mappable and loaded without per-sample
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from modal_jobs.atomic import atomic_dir, write_json
 from modal_jobs.batching import Encoded, encode
 from modal_jobs.dataset import SPLITS, read_split
 from modal_jobs.hashing import combine, file_sha256
-from modal_jobs.labels import LabelMap, label_map
+from modal_jobs.labels import label_map
 from modal_jobs.model import load_processor
 from modal_jobs.presets import resolve_base
 from modal_jobs.stage import Check, StageResult, StageSpec, json_value, number, path_value, text
@@ -30,53 +31,115 @@ from modal_jobs.stage import Check, StageResult, StageSpec, json_value, number, 
 SHARD_SIZE = 512
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One shard's worth of rows of one split: tokenized independently, in any container."""
+
+    split: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        """The shard's file name (the same whichever launcher wrote it)."""
+        return f"{self.split}-{self.index:05d}.safetensors"
+
+
 def run(spec: StageSpec) -> StageResult:
     """Tokenize every split of the run's routing dataset into shards."""
     started = time.perf_counter()
+    base = prepare(spec)
+    processor = load_processor(base)
+    entries = [tokenize_chunk(spec, base, chunk, processor) for chunk in plan(spec)]
+    return finish(spec, base, entries, time.perf_counter() - started)
+
+
+def prepare(spec: StageSpec) -> str:
+    """Resolve the base model (building `tiny` on first use) and empty the parts folder."""
     config = spec.config
     base = resolve_base(config.loras.base_model, config.preset, spec.volumes.models)
-    processor = load_processor(base)
-    labels = label_map(config.dataset, processor)
+    shutil.rmtree(parts_dir(spec), ignore_errors=True)
+    parts_dir(spec).mkdir(parents=True)
+    return base
+
+
+def parts_dir(spec: StageSpec) -> Path:
+    """Where chunks land before `finish` renames them into `tokenized_shards/` together."""
+    return spec.layout.shards.with_name(f".{spec.layout.shards.name}.parts")
+
+
+def plan(spec: StageSpec) -> list[Chunk]:
+    """Every split cut into chunks of `SHARD_SIZE` rows."""
+    chunks = []
+    for split in SPLITS:
+        total = len(read_split(spec.layout.dataset, split))
+        for start in range(0, total, SHARD_SIZE):
+            stop = min(start + SHARD_SIZE, total)
+            chunks.append(Chunk(split, start // SHARD_SIZE, start, stop))
+    return chunks
+
+
+def tokenize_chunk(
+    spec: StageSpec, base: str, chunk: Chunk, processor: Any = None
+) -> dict[str, Any]:
+    """Encode one chunk into `parts_dir/<chunk.name>`; returns its index entry."""
+    processor = processor or load_processor(base)
+    labels = label_map(spec.config.dataset, processor)
     dataset_dir = spec.layout.dataset
+    rows = read_split(dataset_dir, chunk.split)[chunk.start : chunk.stop]
+    items = [_encode_row(row, dataset_dir, processor, spec) for row in rows]
+    classes = np.array([labels.experts.index(row["expert"]) for row in rows], dtype=np.int64)
+    target = parts_dir(spec) / chunk.name
+    partial = target.with_name(f".{target.name}.partial")
+    save_file(pack(items, classes), str(partial))
+    partial.replace(target)  # a retried chunk overwrites whole, never half a file
+    return {
+        "split": chunk.split,
+        "name": chunk.name,
+        "count": len(items),
+        "sha256": file_sha256(target),
+        "tokens": sum(len(item.input_ids) for item in items),
+    }
+
+
+def finish(
+    spec: StageSpec, base: str, entries: list[dict[str, Any]], seconds: float
+) -> StageResult:
+    """Move every chunk into `tokenized_shards/` with its index.json, in one atomic rename."""
+    config = spec.config
+    labels = label_map(config.dataset, load_processor(base))
+    parts = parts_dir(spec)
+    splits: dict[str, Any] = {}
     with atomic_dir(spec.layout.shards) as staging:
-        splits = {
-            split: _write_split(staging, split, dataset_dir, processor, labels, spec)
-            for split in SPLITS
-        }
+        for split in SPLITS:
+            mine = sorted((e for e in entries if e["split"] == split), key=lambda e: e["name"])
+            for entry in mine:
+                (parts / entry["name"]).replace(staging / entry["name"])
+            splits[split] = {
+                "files": [{k: e[k] for k in ("name", "count", "sha256")} for e in mine],
+                "count": sum(e["count"] for e in mine),
+                "tokens": sum(e["tokens"] for e in mine),
+            }
         index = {
             "run": spec.run,
             "base": base,
             "labels": labels.to_json(),
             "system_prompt": config.dataset.system_prompt,
             "image_bounds": config.image_bounds.model_dump(),
-            "dataset_version": _dataset_version(dataset_dir),
+            "dataset_version": _dataset_version(spec.layout.dataset),
             "splits": splits,
         }
         index["shards_version"] = combine(
             f"{s}:{f['sha256']}" for s in SPLITS for f in splits[s]["files"]
         )
         write_json(staging / "index.json", index)
-    return _result(spec, index, time.perf_counter() - started)
+    shutil.rmtree(parts, ignore_errors=True)
+    return _result(spec, index, seconds)
 
 
 def _dataset_version(dataset_dir: Path) -> str:
     return str(json.loads((dataset_dir / "manifest.json").read_text())["dataset_version"])
-
-
-def _write_split(
-    staging: Path, split: str, dataset_dir: Path, processor: Any, labels: LabelMap, spec: StageSpec
-) -> dict[str, Any]:
-    rows = read_split(dataset_dir, split)
-    files, tokens = [], 0
-    for start in range(0, len(rows), SHARD_SIZE):
-        chunk = rows[start : start + SHARD_SIZE]
-        items = [_encode_row(row, dataset_dir, processor, spec) for row in chunk]
-        classes = np.array([labels.experts.index(row["expert"]) for row in chunk], dtype=np.int64)
-        name = f"{split}-{start // SHARD_SIZE:05d}.safetensors"
-        save_file(pack(items, classes), str(staging / name))
-        files.append({"name": name, "count": len(items), "sha256": file_sha256(staging / name)})
-        tokens += sum(len(item.input_ids) for item in items)
-    return {"files": files, "count": len(rows), "tokens": tokens}
 
 
 def _encode_row(row: dict[str, Any], dataset_dir: Path, processor: Any, spec: StageSpec) -> Encoded:

@@ -74,6 +74,16 @@ class StageResult:
         """Plain dict, for Modal return values and `--spec` runs without Dagster."""
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageResult:
+        """Inverse of `to_json` (a Modal function's return value, back in the entrypoint)."""
+        checks = [Check(**check) for check in data.get("checks", [])]
+        return cls(data["data_version"], dict(data["metadata"]), checks)
+
+    def with_metadata(self, extra: dict[str, MetadataValue]) -> StageResult:
+        """The same result with `extra` metadata added (e.g. what the run cost)."""
+        return StageResult(self.data_version, {**self.metadata, **extra}, self.checks)
+
 
 class StageSpec(BaseModel):
     """What every stage needs: the run partition, the validated config and the volume roots."""

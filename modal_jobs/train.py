@@ -14,6 +14,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,7 @@ FAST_STEPS = 20
 TEST_SAMPLES = 48
 TEST_STEPS = 8
 KEEP_CHECKPOINTS = 2
+ResumePointHook = Callable[[Path], None] | None
 
 
 class TrainSpec(StageSpec):
@@ -96,8 +98,12 @@ def hyper_parameters(spec: TrainSpec) -> Hyper:
     )
 
 
-def run(spec: TrainSpec) -> StageResult:
-    """Train (or resume) the router adapter and publish it atomically."""
+def run(spec: TrainSpec, on_resume_point: ResumePointHook = None) -> StageResult:
+    """Train (or resume) the router adapter and publish it atomically.
+
+    `on_resume_point(path)` runs after each resume point is complete (on Modal: commit the
+    data volume, so a preempted container's retry finds it).
+    """
     started = time.perf_counter()
     hyper = hyper_parameters(spec)
 
@@ -121,7 +127,7 @@ def run(spec: TrainSpec) -> StageResult:
 
     # loop
     batches = Batches(processor, train, ImageBounds(**index["image_bounds"]), runtime.device)
-    loop = train_loop(spec, hyper, model, batches, (optimizer, scheduler), start)
+    loop = train_loop(spec, hyper, model, batches, (optimizer, scheduler), start, on_resume_point)
 
     # checkpoint
     summary = {
@@ -173,6 +179,7 @@ def train_loop(
     batches: Batches,
     schedule: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
     start: int,
+    on_resume_point: ResumePointHook = None,
 ) -> LoopStats:
     """Optimise from `start` to `hyper.steps`, logging to TensorBoard and saving resume points."""
     optimizer, scheduler = schedule
@@ -198,7 +205,9 @@ def train_loop(
         if done % spec.log_every == 0 or done == hyper.steps:
             log.info("step %d/%d loss %.4f", done, hyper.steps, stats.curve[-1][1])
         if done % spec.checkpoint_every == 0 and done < hyper.steps:
-            save_state(spec.layout.resume, done, model, optimizer, scheduler)
+            point = save_state(spec.layout.resume, done, model, optimizer, scheduler)
+            if on_resume_point is not None:
+                on_resume_point(point)
     writer.close()
     stats.seconds = time.perf_counter() - began
     return stats
@@ -212,9 +221,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return order[offset * batch_size : (offset + 1) * batch_size] or order[:batch_size]
 
 
-def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any) -> None:
+def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any) -> Path:
     """Write a complete resume point `step-N/` (safetensors + JSON only), pruning old ones."""
-    with atomic_dir(root / f"step-{step:07d}") as staging:
+    point = root / f"step-{step:07d}"
+    with atomic_dir(point) as staging:
         save_file(get_peft_model_state_dict(model), str(staging / "adapter.safetensors"))
         tensors, layout = _flatten_optimizer(optimizer.state_dict())
         tensors["rng.torch"] = torch.get_rng_state()
@@ -229,6 +239,7 @@ def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any
         )
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
+    return point
 
 
 def resume(root: Path, model: Any, optimizer: Any, scheduler: Any) -> int:

@@ -147,7 +147,7 @@ def _dry_run(name: str, selection: dg.AssetSelection, mode: str | None) -> int:
         stage = STAGES.get(key.to_user_string())
         if key not in keys or stage is None:
             continue
-        plan = mole.plan(stage, name)
+        plan = mole.plan(stage, name, key.to_user_string())
         print(f"{key.to_user_string()}: {json.dumps(plan, sort_keys=True)}")
     if mode:
         print(f"router_checkpoint mode: {mode}")

@@ -8,13 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster_modal import ModalClient
 
+from modal_jobs.compute import STAGE_LAUNCHES, modal_plan
 from modal_jobs.config import ConfigError, MoleConfig, load_config
 from modal_jobs.layout import Volumes, mole_home
 from modal_jobs.pipes import BAD_INPUT_EXTRA
 from modal_jobs.stage import StageSpec
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "modal")
+# `modal run modal_jobs/mole_app.py::…` resolves the app file (and `modal_jobs`) from here.
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 # Asset key → the `modal_jobs` module that computes it.
 STAGES = {
     "routing_dataset": "dataset",
@@ -33,6 +37,9 @@ def raise_bad_input(message_file: Path) -> None:
 
 class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Config dir, `MOLE_HOME` and backend; launches stages as Pipes subprocesses.
+
+    `local`: `python -m modal_jobs.<stage>`. `modal`: `dagster_modal.ModalClient` runs
+    `modal run modal_jobs/mole_app.py::<entrypoint>` (see `modal_jobs/cloud.py`).
 
     Empty fields fall back to `MOLE_CONFIG_DIR`, `MOLE_HOME` and `MOLE_BACKEND`.
     """
@@ -68,9 +75,11 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             )
         return backend
 
-    def plan(self, stage: str, run: str) -> dict[str, Any]:
-        """What launching `stage` for `run` would do (for `mole materialize --dry`)."""
+    def plan(self, stage: str, run: str, asset: str = "") -> dict[str, Any]:
+        """What launching `stage` (module) / `asset` for `run` would do (`materialize --dry`)."""
         layout = self.volumes().run(run)
+        if self.selected_backend() == "modal":
+            return {**modal_plan(asset), "run_root": str(Volumes.modal().run(run).root)}
         return {
             "backend": self.selected_backend(),
             "launcher": "dagster.PipesSubprocessClient",
@@ -79,17 +88,29 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             "inference_volume": str(self.volumes().inference),
         }
 
+    def modal_client(self) -> ModalClient:
+        """The `dagster_modal` client (a Pipes subprocess client running `modal run`)."""
+        return ModalClient(project_directory=PROJECT_DIR)
+
     def launch(self, context: dg.AssetExecutionContext, spec: dict[str, Any]) -> Iterator[Any]:
-        """Run the asset's stage as `python -m modal_jobs.<stage>` under Pipes; yield results."""
-        self.selected_backend()
-        stage = STAGES[context.asset_key.to_user_string()]
-        client = dg.PipesSubprocessClient()
+        """Run the asset's stage under Pipes on the selected backend; yield the results."""
+        asset = context.asset_key.to_user_string()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.selected_backend() == "modal":
+            invocation = self.modal_client().run(
+                func_ref=STAGE_LAUNCHES[asset].func_ref,
+                context=context,
+                extras={"spec": spec},
+                env=env,
+            )
+            yield from invocation.get_results()
+            return
+        client = dg.PipesSubprocessClient()
         with tempfile.TemporaryDirectory() as scratch:
             bad_input = Path(scratch) / "bad_input.txt"
             try:
                 invocation = client.run(
-                    command=[sys.executable, "-m", f"modal_jobs.{stage}"],
+                    command=[sys.executable, "-m", f"modal_jobs.{STAGES[asset]}"],
                     context=context,
                     extras={"spec": spec, BAD_INPUT_EXTRA: str(bad_input)},
                     env=env,

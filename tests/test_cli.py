@@ -173,9 +173,9 @@ def test_materialize_rejects_bad_run_name(
 def test_materialize_dry_unknown_backend(
     dry_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MOLE_BACKEND", "modal")
+    monkeypatch.setenv("MOLE_BACKEND", "slurm")
     assert main(["materialize", "dry3", "--dry"]) == 2
-    assert "error: MOLE_BACKEND='modal' is not supported" in capsys.readouterr().err
+    assert "error: MOLE_BACKEND='slurm' is not supported" in capsys.readouterr().err
 
 
 # --- deploy ----------------------------------------------------------------------------------

@@ -1,0 +1,214 @@
+"""What each Modal function asks for, what it costs, and how a person launches it.
+
+The one table of Modal resources: `modal_jobs/mole_app.py` builds every `@app.function` from
+`FUNCTIONS`, and `mole materialize --dry` prints the same entries, so the two cannot drift.
+This module imports nothing from `modal`, so planning and cost reporting work without it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, MODAL_MOUNT_ROOT
+from modal_jobs.stage import MetadataValue, number, text
+
+# `MOLE_MODAL_GPU`: the training GPU, Modal's syntax `TYPE` or `TYPE:COUNT` (e.g. `H100:8`).
+# Read at import, like Modal reads its decorators: set it before `modal run` / `mole materialize`.
+GPU_ENV = "MOLE_MODAL_GPU"
+DEFAULT_GPU = "H100"
+# The Modal Secret holding `HF_TOKEN` (create it with `modal secret create huggingface HF_TOKEN=…`).
+HF_SECRET = "huggingface"
+APP_NAME = "mole"
+APP_FILE = "modal_jobs/mole_app.py"
+TENSORBOARD_APP_FILE = "modal_jobs/tensorboard_app.py"
+
+HOUR = 3600
+MINUTE = 60
+
+# USD per second. Source: modal.com/pricing (H100, A100-80GB, L40S, L4, T4 and the CPU core rate as
+# quoted from it on 2026-05-07; the other GPUs as listed there in 2025). Base region, preemptible
+# functions; region and non-preemptible multipliers are not included. Estimates, not invoices.
+PRICES_AS_OF = "2026-05-07"
+GPU_USD_PER_SECOND = {
+    "T4": 0.000164,
+    "L4": 0.000222,
+    "A10G": 0.000306,
+    "L40S": 0.000542,
+    "A100": 0.000583,
+    "A100-40GB": 0.000583,
+    "A100-80GB": 0.000694,
+    "H100": 0.001097,
+    "H200": 0.001261,
+    "B200": 0.001736,
+}
+CPU_CORE_USD_PER_SECOND = 0.0000131
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A Modal GPU request: type and count per container."""
+
+    type: str
+    count: int = 1
+
+    @classmethod
+    def parse(cls, value: str) -> Gpu:
+        """`H100` or `H100:8` (Modal's string syntax)."""
+        kind, _, count = value.strip().partition(":")
+        if not kind or (count and not count.isdigit()) or count == "0":
+            raise ValueError(f"{GPU_ENV}={value!r}: expected TYPE or TYPE:COUNT, e.g. H100:8")
+        return cls(kind.upper(), int(count or 1))
+
+    def __str__(self) -> str:
+        return self.type if self.count == 1 else f"{self.type}:{self.count}"
+
+
+def training_gpu() -> Gpu:
+    """The training GPU from `MOLE_MODAL_GPU` (default H100)."""
+    return Gpu.parse(os.environ.get(GPU_ENV, DEFAULT_GPU))
+
+
+@dataclass(frozen=True)
+class FunctionResources:
+    """Everything one `@app.function` requests; `mole_app.py` passes these straight to Modal."""
+
+    name: str
+    image: Literal["cpu", "gpu"]
+    gpu: Gpu | None
+    cpu: float
+    memory_mib: int
+    timeout_s: int
+    retries: int
+    volumes: tuple[str, ...]
+    secrets: tuple[str, ...] = ()
+
+    def mounts(self) -> dict[str, str]:
+        """Volume name → mount path inside the container."""
+        return {name: str(MODAL_MOUNT_ROOT / name) for name in self.volumes}
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe summary (for `--dry`)."""
+        return {
+            "function": self.name,
+            "image": self.image,
+            "gpu": str(self.gpu) if self.gpu else None,
+            "cpu": self.cpu,
+            "memory_mib": self.memory_mib,
+            "timeout_s": self.timeout_s,
+            "retries": self.retries,
+            "volumes": self.mounts(),
+            "secrets": list(self.secrets),
+        }
+
+
+def functions(gpu: Gpu | None = None) -> dict[str, FunctionResources]:
+    """Every Modal function of the app with its resources (training on `gpu`, default the env's)."""
+    train_gpu = gpu or training_gpu()
+    weights = (DATA_VOLUME, HF_CACHE_VOLUME)
+    hf = (HF_SECRET,)
+    table = [
+        # Resolves the base once (builds `tiny`, or fills the HF cache) and plans the chunks.
+        FunctionResources("shards_plan", "cpu", None, 2, 8192, 45 * MINUTE, 2, weights, hf),
+        FunctionResources("shards_chunk", "cpu", None, 4, 8192, 30 * MINUTE, 3, weights, hf),
+        FunctionResources("shards_finish", "cpu", None, 1, 2048, 15 * MINUTE, 2, (DATA_VOLUME,)),
+        # Preemptible GPUs: retries resume from the newest resume point on the data volume.
+        FunctionResources(
+            "train_router", "gpu", train_gpu, 8 * train_gpu.count, 65536, 12 * HOUR, 4, weights, hf
+        ),
+        FunctionResources(
+            "evaluate_router", "gpu", Gpu(train_gpu.type), 4, 32768, 2 * HOUR, 2, weights, hf
+        ),
+        FunctionResources(
+            "deploy_router", "cpu", None, 1, 2048, 15 * MINUTE, 1, (DATA_VOLUME, INFERENCE_VOLUME)
+        ),
+        # Web endpoints take no retries (Modal refuses them); a failed request is simply retried.
+        FunctionResources("tensorboard", "cpu", None, 1, 2048, 1 * HOUR, 0, (DATA_VOLUME,)),
+    ]
+    return {resources.name: resources for resources in table}
+
+
+@dataclass(frozen=True)
+class StageLaunch:
+    """How the Modal backend runs one asset: its entrypoint and the functions it calls."""
+
+    asset: str
+    entrypoint: str
+    functions: tuple[str, ...]
+    note: str
+
+    @property
+    def func_ref(self) -> str:
+        """What `dagster_modal.ModalClient` passes to `modal run`."""
+        return f"{APP_FILE}::{self.entrypoint}"
+
+
+STAGE_LAUNCHES = {
+    launch.asset: launch
+    for launch in (
+        StageLaunch(
+            "routing_dataset",
+            "dataset",
+            (),
+            "built in the entrypoint process, where the expert data is; then batch-uploaded "
+            f"to the {DATA_VOLUME} volume (unchanged files skipped by content hash)",
+        ),
+        StageLaunch(
+            "tokenized_shards",
+            "shards",
+            ("shards_plan", "shards_chunk", "shards_finish"),
+            "plan once, .map() one container per shard chunk, merge into index.json",
+        ),
+        StageLaunch(
+            "router_checkpoint",
+            "train",
+            ("train_router",),
+            "resumes from the newest train_state/step-N; torchrun for GPU count > 1",
+        ),
+        StageLaunch("eval_report", "evaluate", ("evaluate_router",), "held-out eval split"),
+        StageLaunch(
+            "deployed_router",
+            "deploy",
+            ("deploy_router",),
+            "atomic publish to the inference volume",
+        ),
+    )
+}
+
+
+def modal_plan(asset: str) -> dict[str, Any]:
+    """The Modal backend's `--dry` entry for one asset (nothing is imported from `modal`)."""
+    launch = STAGE_LAUNCHES[asset]
+    table = functions()
+    return {
+        "backend": "modal",
+        "launcher": "dagster_modal.ModalClient",
+        "command": f"modal run {launch.func_ref}",
+        "app": APP_NAME,
+        "note": launch.note,
+        "functions": [table[name].describe() for name in launch.functions],
+        "run_root": str(MODAL_MOUNT_ROOT / DATA_VOLUME / "runs"),
+    }
+
+
+def cost_metadata(
+    backend: str, gpu: Gpu | None, wall_seconds: float, cpu_cores: float = 0.0
+) -> dict[str, MetadataValue]:
+    """What a materialization cost: GPU type, GPU-seconds and an estimated USD figure.
+
+    Local runs report the same keys (GPU seconds on a local CUDA device, cost 0), so both
+    backends' metadata have one shape.
+    """
+    gpu_seconds = wall_seconds * gpu.count if gpu else 0.0
+    usd = 0.0
+    if backend == "modal":
+        usd = gpu_seconds * GPU_USD_PER_SECOND.get(gpu.type, 0.0) if gpu else 0.0
+        usd += wall_seconds * cpu_cores * CPU_CORE_USD_PER_SECOND
+    return {
+        "compute_backend": text(backend),
+        "gpu": text(str(gpu) if gpu else "none"),
+        "gpu_seconds": number(round(float(gpu_seconds), 1)),
+        "estimated_cost_usd": number(round(float(usd), 4)),
+        "prices_as_of": text(PRICES_AS_OF),
+    }

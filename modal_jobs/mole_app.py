@@ -1,0 +1,344 @@
+"""The mole graph's compute on Modal: CPU fan-out for tokenization, GPUs for training and eval.
+
+Run one stage by hand (`--spec`: a JSON stage spec, as `mole materialize --dry` describes):
+
+    modal run modal_jobs/mole_app.py::train --spec spec.json
+
+Under Dagster (`MOLE_BACKEND=modal`), `dagster_modal.ModalClient` runs the same entrypoints with
+the Pipes environment. Resources come from `modal_jobs/compute.py` (the table `--dry` prints);
+the training GPU from `MOLE_MODAL_GPU` (e.g. `H100:8`), read when this file is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import modal
+
+from modal_jobs import cloud, compute
+from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, MODAL_MOUNT_ROOT
+
+log = logging.getLogger(__name__)
+
+# --- image -------------------------------------------------------------------------------------
+# Pinned to what the tests run locally (pyproject.toml's ranges). torch 2.9.x is avoided on
+# purpose: its Conv3d regression slows the Qwen3-VL vision tower 10-20x.
+PYTHON = "3.11"
+PACKAGES = (
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "transformers==5.23.0",
+    "peft==0.21.2",
+    "accelerate==1.15.0",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
+    "huggingface_hub==2.4.0",
+    "hf-xet==1.8.0",
+    "pydantic==2.14.4",
+    "pyyaml==6.0.4",
+    "pillow==13.0.0",
+    "numpy==2.4.6",
+    "matplotlib==3.11.2",
+    "tensorboard==2.21.0",
+    "dagster-pipes==1.13.28",
+)
+# flash-attn has no wheel on PyPI; its setup.py fetches a prebuilt wheel matching torch/CUDA/
+# Python when one exists and otherwise compiles (long, once: Modal caches the image layer).
+# Hence a CUDA *devel* base image and `--no-build-isolation` (the build must see our torch).
+CUDA_IMAGE = "nvidia/cuda:12.8.1-devel-ubuntu22.04"
+FLASH_ATTN = "flash-attn==2.8.3"
+ENV = {
+    "HF_HOME": str(MODAL_MOUNT_ROOT / HF_CACHE_VOLUME / "hf"),
+    "PYTHONUNBUFFERED": "1",
+}
+
+cpu_image = (
+    modal.Image.debian_slim(python_version=PYTHON)
+    .pip_install(*PACKAGES)
+    .env(ENV)
+    .add_local_python_source("modal_jobs")
+)
+gpu_image = (
+    modal.Image.from_registry(CUDA_IMAGE, add_python=PYTHON)
+    .pip_install(*PACKAGES)
+    .pip_install("ninja", "packaging", "wheel")
+    .pip_install(FLASH_ATTN, extra_options="--no-build-isolation")
+    .env({**ENV, "MAX_JOBS": "8"})
+    .add_local_python_source("modal_jobs")
+)
+IMAGES = {"cpu": cpu_image, "gpu": gpu_image}
+
+# --- volumes and secrets -----------------------------------------------------------------------
+data_volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True)
+inference_volume = modal.Volume.from_name(INFERENCE_VOLUME, create_if_missing=True)
+hf_cache_volume = modal.Volume.from_name(HF_CACHE_VOLUME, create_if_missing=True)
+VOLUMES = {
+    DATA_VOLUME: data_volume,
+    INFERENCE_VOLUME: inference_volume,
+    HF_CACHE_VOLUME: hf_cache_volume,
+}
+SECRETS = {compute.HF_SECRET: modal.Secret.from_name(compute.HF_SECRET)}  # provides HF_TOKEN
+
+# --- resources (one table: modal_jobs/compute.py) ----------------------------------------------
+RESOURCES = compute.functions()
+SHARDS_PLAN = RESOURCES["shards_plan"]
+SHARDS_CHUNK = RESOURCES["shards_chunk"]
+SHARDS_FINISH = RESOURCES["shards_finish"]
+TRAIN = RESOURCES["train_router"]
+EVALUATE = RESOURCES["evaluate_router"]
+DEPLOY = RESOURCES["deploy_router"]
+# Multi-GPU training commits the data volume this often (the torchrun workers cannot call back).
+COMMIT_EVERY_S = 60
+
+app = modal.App(compute.APP_NAME)
+
+
+def gpu(r: compute.FunctionResources) -> str | None:
+    """Modal's GPU string for `r` (`H100`, `H100:8`), or None for CPU functions."""
+    return str(r.gpu) if r.gpu else None
+
+
+def retries(r: compute.FunctionResources) -> modal.Retries:
+    """Exponential back-off retries (preemption and transient failures)."""
+    return modal.Retries(max_retries=r.retries, initial_delay=10.0, backoff_coefficient=2.0)
+
+
+def volumes(r: compute.FunctionResources) -> dict[str | Any, Any]:
+    """Mount path → `modal.Volume` for every volume `r` names."""
+    return {mount: VOLUMES[name] for name, mount in r.mounts().items()}
+
+
+def secrets(r: compute.FunctionResources) -> list[Any]:
+    """The `modal.Secret`s `r` names."""
+    return [SECRETS[name] for name in r.secrets]
+
+
+def _in_container() -> bool:
+    # `.local()` calls (tests, debugging) have no mounted volume to reload or commit.
+    return not modal.is_local()
+
+
+def _reload(*mounted: Any) -> None:
+    if _in_container():
+        for volume in mounted:
+            volume.reload()
+
+
+def _commit(*mounted: Any) -> None:
+    if _in_container():
+        for volume in mounted:
+            volume.commit()
+
+
+# --- tokenization: plan, .map() over chunks, merge ---------------------------------------------
+@app.function(
+    image=IMAGES[SHARDS_PLAN.image],
+    gpu=gpu(SHARDS_PLAN),
+    cpu=SHARDS_PLAN.cpu,
+    memory=SHARDS_PLAN.memory_mib,
+    timeout=SHARDS_PLAN.timeout_s,
+    retries=retries(SHARDS_PLAN),
+    volumes=volumes(SHARDS_PLAN),
+    secrets=secrets(SHARDS_PLAN),
+)
+def shards_plan(spec: dict[str, Any]) -> dict[str, Any]:
+    """Resolve the base model once (filling the HF cache volume) and cut the splits into chunks."""
+    from dataclasses import asdict
+
+    from modal_jobs import shards
+    from modal_jobs.stage import StageSpec
+
+    _reload(data_volume, hf_cache_volume)
+    stage = StageSpec.model_validate(spec)
+    base = shards.prepare(stage)
+    chunks = [asdict(chunk) for chunk in shards.plan(stage)]
+    _commit(data_volume, hf_cache_volume)
+    return {"base": base, "chunks": chunks}
+
+
+@app.function(
+    image=IMAGES[SHARDS_CHUNK.image],
+    gpu=gpu(SHARDS_CHUNK),
+    cpu=SHARDS_CHUNK.cpu,
+    memory=SHARDS_CHUNK.memory_mib,
+    timeout=SHARDS_CHUNK.timeout_s,
+    retries=retries(SHARDS_CHUNK),
+    volumes=volumes(SHARDS_CHUNK),
+    secrets=secrets(SHARDS_CHUNK),
+)
+def shards_chunk(spec: dict[str, Any], base: str, chunk: dict[str, Any]) -> dict[str, Any]:
+    """Tokenize one chunk into the parts folder on the data volume; return its index entry."""
+    from modal_jobs import shards
+    from modal_jobs.stage import StageSpec
+
+    _reload(data_volume, hf_cache_volume)
+    entry = shards.tokenize_chunk(StageSpec.model_validate(spec), base, shards.Chunk(**chunk))
+    _commit(data_volume)
+    return entry
+
+
+@app.function(
+    image=IMAGES[SHARDS_FINISH.image],
+    gpu=gpu(SHARDS_FINISH),
+    cpu=SHARDS_FINISH.cpu,
+    memory=SHARDS_FINISH.memory_mib,
+    timeout=SHARDS_FINISH.timeout_s,
+    retries=retries(SHARDS_FINISH),
+    volumes=volumes(SHARDS_FINISH),
+    secrets=secrets(SHARDS_FINISH),
+)
+def shards_finish(
+    spec: dict[str, Any], base: str, entries: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """Rename every chunk into `tokenized_shards/` with index.json; return the StageResult."""
+    from modal_jobs import shards
+    from modal_jobs.stage import StageSpec
+
+    _reload(data_volume)
+    result = shards.finish(StageSpec.model_validate(spec), base, entries, seconds)
+    _commit(data_volume)
+    return result.to_json()
+
+
+# --- training: resumable on preemptible GPUs ---------------------------------------------------
+@app.function(
+    image=IMAGES[TRAIN.image],
+    gpu=gpu(TRAIN),
+    cpu=TRAIN.cpu,
+    memory=TRAIN.memory_mib,
+    timeout=TRAIN.timeout_s,
+    retries=retries(TRAIN),
+    volumes=volumes(TRAIN),
+    secrets=secrets(TRAIN),
+)
+def train_router(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train (resuming from the newest `train_state/step-N` a preempted attempt committed)."""
+    from modal_jobs import train
+
+    _reload(data_volume, hf_cache_volume)
+    count = TRAIN.gpu.count if TRAIN.gpu else 1
+    if count > 1:
+        return _torchrun(spec, count)
+    result = train.run(
+        train.TrainSpec.model_validate(spec), on_resume_point=lambda _: _commit(data_volume)
+    )
+    _commit(data_volume)
+    return result.to_json()
+
+
+def _torchrun(spec: dict[str, Any], count: int) -> dict[str, Any]:
+    """Launch `torchrun -m modal_jobs.train` on every GPU, committing the volume meanwhile."""
+    import json
+
+    run_dir = Path(spec["volumes"]["data"]) / "runs" / spec["run"]
+    spec_file, result_file = run_dir / "train_spec.json", run_dir / "train_result.json"
+    spec_file.write_text(json.dumps(spec))
+    done = threading.Event()
+
+    def commit_periodically() -> None:
+        while not done.wait(COMMIT_EVERY_S):
+            _commit(data_volume)
+
+    committer = threading.Thread(target=commit_periodically, daemon=True)
+    committer.start()
+    try:
+        subprocess.run(
+            ["torchrun", f"--nproc_per_node={count}", "-m", "modal_jobs.train"]
+            + ["--spec", str(spec_file), "--result", str(result_file)],
+            check=True,
+        )
+    finally:
+        done.set()
+        committer.join()
+    _commit(data_volume)
+    result: dict[str, Any] = json.loads(result_file.read_text())
+    return result
+
+
+# --- evaluation and deployment -----------------------------------------------------------------
+@app.function(
+    image=IMAGES[EVALUATE.image],
+    gpu=gpu(EVALUATE),
+    cpu=EVALUATE.cpu,
+    memory=EVALUATE.memory_mib,
+    timeout=EVALUATE.timeout_s,
+    retries=retries(EVALUATE),
+    volumes=volumes(EVALUATE),
+    secrets=secrets(EVALUATE),
+)
+def evaluate_router(spec: dict[str, Any]) -> dict[str, Any]:
+    """Score the held-out eval split; write the report to the data volume."""
+    from modal_jobs import evaluate
+    from modal_jobs.stage import StageSpec
+
+    _reload(data_volume, hf_cache_volume)
+    result = evaluate.run(StageSpec.model_validate(spec))
+    _commit(data_volume)
+    return result.to_json()
+
+
+@app.function(
+    image=IMAGES[DEPLOY.image],
+    gpu=gpu(DEPLOY),
+    cpu=DEPLOY.cpu,
+    memory=DEPLOY.memory_mib,
+    timeout=DEPLOY.timeout_s,
+    retries=retries(DEPLOY),
+    volumes=volumes(DEPLOY),
+    secrets=secrets(DEPLOY),
+)
+def deploy_router(spec: dict[str, Any]) -> dict[str, Any]:
+    """Publish the run's router to the inference volume (gated by the eval report)."""
+    from modal_jobs import deploy
+    from modal_jobs.stage import StageSpec
+
+    _reload(data_volume, inference_volume)
+    result = deploy.run(StageSpec.model_validate(spec))
+    _commit(inference_volume)
+    return result.to_json()
+
+
+# --- entrypoints: `modal run modal_jobs/mole_app.py::<name> [--spec spec.json]` -----------------
+REMOTES: dict[str, Any] = {
+    "shards_plan": shards_plan,
+    "shards_chunk": shards_chunk,
+    "shards_finish": shards_finish,
+    "train_router": train_router,
+    "evaluate_router": evaluate_router,
+    "deploy_router": deploy_router,
+    "data_volume": data_volume,
+}
+
+
+@app.local_entrypoint()
+def dataset(spec: str = "") -> None:
+    """`routing_dataset`: built here (where the expert data is), uploaded to the data volume."""
+    cloud.launch("routing_dataset", spec, REMOTES)
+
+
+@app.local_entrypoint()
+def shards(spec: str = "") -> None:
+    """`tokenized_shards`: one container per chunk of 512 samples."""
+    cloud.launch("tokenized_shards", spec, REMOTES)
+
+
+@app.local_entrypoint()
+def train(spec: str = "") -> None:
+    """`router_checkpoint`: LoRA training on `MOLE_MODAL_GPU`."""
+    cloud.launch("router_checkpoint", spec, REMOTES)
+
+
+@app.local_entrypoint()
+def evaluate(spec: str = "") -> None:
+    """`eval_report`: held-out evaluation."""
+    cloud.launch("eval_report", spec, REMOTES)
+
+
+@app.local_entrypoint()
+def deploy(spec: str = "") -> None:
+    """`deployed_router`: publish to the inference volume."""
+    cloud.launch("deployed_router", spec, REMOTES)

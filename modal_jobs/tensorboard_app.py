@@ -1,0 +1,65 @@
+"""TensorBoard for every run's training, served from the data volume as a Modal web endpoint.
+
+    modal deploy modal_jobs/tensorboard_app.py   # prints the endpoint's URL
+    modal serve modal_jobs/tensorboard_app.py    # temporary URL while the command runs
+
+Locally the same event files are under `MOLE_HOME/volumes/moe-lora-data/runs/`: `make tensorboard`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import modal
+
+from modal_jobs import compute
+from modal_jobs.layout import DATA_VOLUME, MODAL_MOUNT_ROOT
+
+image = modal.Image.debian_slim(python_version="3.11").pip_install("tensorboard==2.21.0")
+data_volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True)
+RUNS = MODAL_MOUNT_ROOT / DATA_VOLUME / "runs"  # each run's events: runs/<run>/tensorboard/
+BOARD = compute.functions()["tensorboard"]
+# Training containers commit event files as they go; a running board picks them up this often.
+RELOAD_EVERY_S = 60
+
+app = modal.App(f"{compute.APP_NAME}-tensorboard")
+
+
+def _reload_periodically() -> None:
+    while True:
+        threading.Event().wait(RELOAD_EVERY_S)
+        try:
+            data_volume.reload()
+        except RuntimeError:  # open event files block a reload; the next round retries
+            continue
+
+
+@app.function(
+    image=image,
+    cpu=BOARD.cpu,
+    memory=BOARD.memory_mib,
+    timeout=BOARD.timeout_s,
+    volumes={mount: data_volume for mount in BOARD.mounts().values()},
+    scaledown_window=15 * compute.MINUTE,
+)
+@modal.concurrent(max_inputs=100)
+@modal.wsgi_app()
+def tensorboard() -> Any:
+    """TensorBoard over `/vol/moe-lora-data/runs` (runs appear as `<run>/tensorboard`)."""
+    from tensorboard import program
+    from tensorboard.backend import application
+
+    threading.Thread(target=_reload_periodically, daemon=True).start()
+    board = program.TensorBoard()
+    board.configure(logdir=str(RUNS), reload_interval=30)
+    provider, multiplexer = board._make_data_provider()  # what `tensorboard --logdir` serves
+    return application.TensorBoardWSGIApp(
+        board.flags, board.plugin_loaders, provider, board.assets_zip_provider, multiplexer
+    )
+
+
+@app.local_entrypoint()
+def main() -> None:
+    """`modal run` prints where to look; the endpoint itself needs `modal serve` or `deploy`."""
+    print(f"TensorBoard reads {DATA_VOLUME}:/runs; `modal serve {compute.TENSORBOARD_APP_FILE}`")
