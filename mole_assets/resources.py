@@ -18,6 +18,7 @@ STAGES = {
     "routing_dataset": "dataset",
     "tokenized_shards": "shards",
     "router_checkpoint": "train",
+    "expert_adapters": "experts",
     "eval_report": "evaluate",
     "deployed_router": "deploy",
 }
