@@ -46,7 +46,7 @@ class ExpertsSpec(StageSpec):
     """Demo expert training: steps per expert (`test` mode: a handful), batch size, seed."""
 
     mode: Literal["full", "test"] = "full"
-    steps: int = 50
+    steps: int = 40
     batch_size: int = 8
     learning_rate: float = 0.003
     seed: int = 0

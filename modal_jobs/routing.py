@@ -42,7 +42,8 @@ def score(
         began = time.perf_counter()
         batch = {k: v.to(device) for k, v in collate(processor, group, bounds).items()}
         batch.pop("labels")
-        logits = model(**batch).logits
+        # Routing reads one position and never decodes further: no KV cache to build.
+        logits = model(**batch, use_cache=False).logits
         # The logits at the last prompt token predict the answer's first token.
         rows = torch.arange(len(group), device=device)
         slots = torch.tensor([item.prompt_len - 1 for item in group], device=device)

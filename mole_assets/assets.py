@@ -123,7 +123,7 @@ class ExpertsConfig(dg.Config):
     """Demo expert-adapter training run config."""
 
     mode: str = Field("full", description="full, or test (a handful of steps per expert).")
-    steps: int = Field(50, description="Optimizer steps per expert (full mode).")
+    steps: int = Field(40, description="Optimizer steps per expert (full mode).")
     batch_size: int = 8
     learning_rate: float = 0.003
     seed: int = 0
