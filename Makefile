@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(MOLE_HOME)/dagster
 export MOLE_CONFIG_DIR ?= $(CURDIR)/config
 UI_PORT ?= 3000
 
-.PHONY: setup demo test lint ui clean
+.PHONY: setup demo test lint ui bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,9 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) benchmarks/route.py
 
 ui: setup
 	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
