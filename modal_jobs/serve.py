@@ -25,6 +25,7 @@ from modal_jobs.inference import Stack
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+DRAIN_LIMIT_BYTES = 4 * MAX_BODY_BYTES
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_PROMPT_CHARS = 4000
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -143,13 +144,24 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required") from exc
         if length > MAX_BODY_BYTES:
-            # The body is not read: the connection is closed after this answer.
+            # Read and drop a moderately oversized body so the client can read the answer (it
+            # would otherwise hit a broken pipe while still sending); close after anything larger.
+            if length <= DRAIN_LIMIT_BYTES:
+                self._drain(length)
             self.close_connection = True
             raise RequestError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"body of {length} bytes is over the limit of {MAX_BODY_BYTES}",
+                f"body is over the limit of {MAX_BODY_BYTES} bytes",
             )
         return self.rfile.read(length)
+
+    def _drain(self, length: int) -> None:
+        remaining = length
+        while remaining > 0:
+            chunk = self.rfile.read(min(1 << 16, remaining))
+            if not chunk:
+                return
+            remaining -= len(chunk)
 
     def _send(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
         if status >= 400:

@@ -37,7 +37,7 @@ RUN = "serve-test"
 # 8 steps on 48 samples is near chance); the demo experts only need to exist here.
 TRAIN = {
     "ops": {
-        "router_checkpoint": {"config": {"mode": "full", "steps": 120}},
+        "router_checkpoint": {"config": {"mode": "full", "steps": 240}},
         "expert_adapters": {"config": {"mode": "test"}},
     }
 }
