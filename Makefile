@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(MOLE_HOME)/dagster
 export MOLE_CONFIG_DIR ?= $(CURDIR)/config
 UI_PORT ?= 3000
 
-.PHONY: setup demo test lint ui ui-check tensorboard clean
+.PHONY: setup demo test lint ui ui-check tensorboard bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check modal_jobs mole_assets tests scripts benchmarks
 	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) benchmarks/route.py
 
 ui: setup
 	$(PY) -m mole_assets.instance

@@ -80,6 +80,7 @@ def _write_version(spec: StageSpec, target: Path, report: dict[str, Any]) -> Non
                 "system_prompt": index["system_prompt"],
                 "image_bounds": index["image_bounds"],
                 "abstain_below": spec.config.loras.router.abstain_below,
+                "temperature": report["calibration"]["temperature"],
             },
         )
 

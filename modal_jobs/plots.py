@@ -1,4 +1,4 @@
-"""PNG figures for asset metadata: the training loss curve and the confusion matrix."""
+"""PNG figures for asset metadata: loss curve, confusion matrix, reliability, risk-coverage."""
 
 from __future__ import annotations
 
@@ -44,4 +44,40 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> 
         for j, count in enumerate(row):
             colour = "white" if peak and count > peak / 2 else "black"
             axis.text(j, i, str(count), ha="center", va="center", color=colour)
+    return _png(figure)
+
+
+def reliability_diagram(tables: dict[str, dict[str, Any]]) -> bytes:
+    """Accuracy against confidence per bin, one series per table (e.g. before / after T)."""
+    figure, axis = plt.subplots(figsize=(4.6, 4.2))
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect")
+    for name, table in tables.items():
+        points = [
+            (c, a)
+            for c, a, n in zip(table["confidence"], table["accuracy"], table["count"], strict=True)
+            if n
+        ]
+        axis.plot(
+            [c for c, _ in points],
+            [a for _, a in points],
+            marker="o",
+            label=f"{name} (ECE {table['ece']:.3f})",
+        )
+    axis.set_xlim(0, 1.02)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("confidence (top probability)")
+    axis.set_ylabel("accuracy")
+    axis.legend(loc="upper left", fontsize=8)
+    axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def risk_coverage(curve: dict[str, Sequence[float]]) -> bytes:
+    """Error rate among the routed samples against the share routed (the rest abstain)."""
+    figure, axis = plt.subplots(figsize=(4.6, 3.4))
+    axis.plot(list(curve["coverage"]), list(curve["risk"]), linewidth=1.5)
+    axis.set_xlim(0, 1.02)
+    axis.set_xlabel("coverage (share of screenshots routed)")
+    axis.set_ylabel("risk (routing error rate)")
+    axis.grid(alpha=0.3)
     return _png(figure)

@@ -11,13 +11,15 @@ import numpy as np
 import torch
 
 from modal_jobs.batching import Encoded, collate
+from modal_jobs.calibration import softmax
 from modal_jobs.config import ImageBounds
 
 
 @dataclass(frozen=True)
 class Scores:
-    """Per-sample expert probabilities and the seconds each batch took."""
+    """Per-sample label-token logits, expert probabilities (T = 1) and seconds per batch."""
 
+    logits: np.ndarray
     probabilities: np.ndarray
     batch_seconds: list[float]
 
@@ -40,12 +42,13 @@ def score(
         began = time.perf_counter()
         batch = {k: v.to(device) for k, v in collate(processor, group, bounds).items()}
         batch.pop("labels")
-        logits = model(**batch).logits
+        # Routing reads one position and never decodes further: no KV cache to build.
+        logits = model(**batch, use_cache=False).logits
         # The logits at the last prompt token predict the answer's first token.
         rows = torch.arange(len(group), device=device)
         slots = torch.tensor([item.prompt_len - 1 for item in group], device=device)
         chosen = logits[rows, slots][:, label_ids].float()
-        chunks.append(torch.softmax(chosen, dim=-1).cpu().numpy())
+        chunks.append(chosen.cpu().numpy())
         seconds.append(time.perf_counter() - began)
-    probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(token_ids)))
-    return Scores(probabilities, seconds)
+    logits = np.concatenate(chunks) if chunks else np.zeros((0, len(token_ids)))
+    return Scores(logits, softmax(logits), seconds)

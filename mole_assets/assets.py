@@ -126,14 +126,43 @@ def router_checkpoint(
     yield from mole.launch(context, spec)
 
 
+class ExpertsConfig(dg.Config):
+    """Demo expert-adapter training run config."""
+
+    mode: str = Field("full", description="full, or test (a handful of steps per expert).")
+    steps: int = Field(40, description="Optimizer steps per expert (full mode).")
+    batch_size: int = 8
+    learning_rate: float = 0.003
+    seed: int = 0
+
+
 @dg.asset(
     partitions_def=run_names,
-    deps=["router_checkpoint"],
+    deps=["routing_dataset", "tokenized_shards"],
+    group_name=GROUP,
+    kinds={"pytorch", "safetensors"},
+    code_version="1",
+    description="Demo expert LoRAs registered in loras.json with relative (managed) paths.",
+    pool="gpu",
+    retry_policy=RETRY,
+)
+def expert_adapters(
+    context: dg.AssetExecutionContext, config: ExpertsConfig, mole: MoleResource
+) -> Iterator[Any]:
+    """Train the managed expert adapters on their train rows (user adapters are left alone)."""
+    if config.mode not in ("full", "test"):
+        raise dg.Failure(f"expert_adapters config: mode must be full or test, got {config.mode!r}")
+    yield from mole.launch(context, mole.spec(context.partition_key, **config.model_dump()))
+
+
+@dg.asset(
+    partitions_def=run_names,
+    deps=["router_checkpoint", "expert_adapters"],
     group_name=GROUP,
     retry_policy=RETRY,
     kinds={"pytorch", "json"},
     code_version="1",
-    description="Held-out eval: accuracy, macro-F1, per-class P/R/F1, confusion matrix.",
+    description="Held-out eval: accuracy, F1, confusion, calibration, latency, end to end.",
     check_specs=[
         _check(
             "accuracy_gate",
@@ -170,6 +199,7 @@ def router_assets(config: MoleConfig) -> list[Any]:
         routing_dataset_asset(config),
         tokenized_shards,
         router_checkpoint,
+        expert_adapters,
         eval_report,
         deployed_router,
     ]

@@ -1,4 +1,4 @@
-"""The `mole` command line: demo data, run partitions, materialization, reports, deployment."""
+"""The `mole` command line: demo data, runs, materialization, reports, deployment, inference."""
 
 from __future__ import annotations
 
@@ -84,8 +84,14 @@ def materialize(name: str, selection: Any, mode: str | None = None) -> dg.Execut
     assets = router_assets(load_config())
     selected = dg.AssetSelection.from_coercible(selection).resolve(defs.resolve_asset_graph())
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    ops: dict[str, Any] = {}
     if mode and dg.AssetKey("router_checkpoint") in selected:
-        run_config["ops"] = {"router_checkpoint": {"config": {"mode": mode}}}
+        ops["router_checkpoint"] = {"config": {"mode": mode}}
+    if mode and dg.AssetKey("expert_adapters") in selected:
+        # The demo experts have no 20-step variant: `--fast` and `--test` both train a handful.
+        ops["expert_adapters"] = {"config": {"mode": "test"}}
+    if ops:
+        run_config["ops"] = ops
     return dg.materialize(
         assets,
         instance=inst,
@@ -189,6 +195,89 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack() -> Any:
+    from modal_jobs.inference import Stack
+
+    return Stack.deployed(load_config(), Volumes.local())
+
+
+def _read_image(path: str) -> Any:
+    from modal_jobs.serve import load_image
+
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"{file}: no such image file")
+    return load_image(file.read_bytes(), str(file))
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Route one screenshot with the deployed router (one forward pass)."""
+    image = _read_image(args.image)
+    route = _stack().route(image, args.prompt)
+    if args.json:
+        print(json.dumps(route.to_json(), indent=2))
+        return 0
+    state = "abstained → base model" if route.abstained else f"adapter {route.adapter}"
+    print(f"expert: {route.expert} ({state}; temperature {route.temperature:.3f})")
+    for expert, p in sorted(route.probabilities.items(), key=lambda kv: -kv[1]):
+        print(f"  {expert:<14} {p:.4f}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Route one screenshot, then answer with the routed expert's adapter active."""
+    image = _read_image(args.image)
+    answer = _stack().infer(image, args.prompt, args.max_new_tokens)
+    if args.json:
+        print(json.dumps(answer.to_json(), indent=2))
+        return 0
+    route = answer.route
+    print(f"expert: {route.expert} (p={route.probabilities[route.expert]:.3f})")
+    print(f"adapter: {answer.adapter or 'none (base model)'}")
+    print(f"answer: {answer.answer}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve /route, /infer and /health over HTTP until interrupted."""
+    import logging
+
+    from modal_jobs.serve import MoleServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    server = MoleServer((args.host, args.port), _stack())
+    port = server.server_address[1]
+    endpoints = "POST /route, POST /infer, GET /health"
+    print(f"serving on http://{args.host}:{port} ({endpoints})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _inference_commands(sub: Any) -> None:
+    route = sub.add_parser("route", help="route a screenshot with the deployed router")
+    route.add_argument("image")
+    route.add_argument("--prompt", default="", help="the user's instruction (optional)")
+    route.add_argument("--json", action="store_true")
+    route.set_defaults(func=cmd_route)
+
+    infer = sub.add_parser("infer", help="route, then answer with the routed expert")
+    infer.add_argument("image")
+    infer.add_argument("--prompt", required=True, help="the user's instruction")
+    infer.add_argument("--max-new-tokens", type=int, default=48)
+    infer.add_argument("--json", action="store_true")
+    infer.set_defaults(func=cmd_infer)
+
+    serve = sub.add_parser("serve", help="HTTP API: POST /route, POST /infer, GET /health")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     root = argparse.ArgumentParser(prog="mole", description=__doc__)
@@ -225,6 +314,8 @@ def parser() -> argparse.ArgumentParser:
     dep.add_argument("name", nargs="?")
     dep.add_argument("--rollback", action="store_true", help="restore the previous router")
     dep.set_defaults(func=cmd_deploy)
+
+    _inference_commands(sub)
     return root
 
 

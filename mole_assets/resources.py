@@ -24,6 +24,7 @@ STAGES = {
     "routing_dataset": "dataset",
     "tokenized_shards": "shards",
     "router_checkpoint": "train",
+    "expert_adapters": "experts",
     "eval_report": "evaluate",
     "deployed_router": "deploy",
 }
@@ -78,15 +79,22 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     def plan(self, stage: str, run: str, asset: str = "") -> dict[str, Any]:
         """What launching `stage` (module) / `asset` for `run` would do (`materialize --dry`)."""
         layout = self.volumes().run(run)
-        if self.selected_backend() == "modal":
+        if self.on_modal(asset):
             return {**modal_plan(asset), "run_root": str(Volumes.modal().run(run).root)}
         return {
-            "backend": self.selected_backend(),
+            "backend": "local",
             "launcher": "dagster.PipesSubprocessClient",
             "command": f"{sys.executable} -m modal_jobs.{stage}",
             "run_root": str(layout.root),
             "inference_volume": str(self.volumes().inference),
         }
+
+    def on_modal(self, asset: str) -> bool:
+        """Whether `asset` runs on Modal (backend selected and a Modal function exists for it).
+
+        The demo `expert_adapters` stage has no Modal function and always runs locally.
+        """
+        return self.selected_backend() == "modal" and asset in STAGE_LAUNCHES
 
     def modal_client(self) -> ModalClient:
         """The `dagster_modal` client (a Pipes subprocess client running `modal run`)."""
@@ -96,7 +104,7 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         """Run the asset's stage under Pipes on the selected backend; yield the results."""
         asset = context.asset_key.to_user_string()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.selected_backend() == "modal":
+        if self.on_modal(asset):
             invocation = self.modal_client().run(
                 func_ref=STAGE_LAUNCHES[asset].func_ref,
                 context=context,

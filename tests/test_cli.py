@@ -19,6 +19,7 @@ from .conftest import MakeConfig
 STAGE_MODULES = [
     ("routing_dataset", "dataset"),
     ("tokenized_shards", "shards"),
+    ("expert_adapters", "experts"),
     ("router_checkpoint", "train"),
     ("eval_report", "evaluate"),
 ]
@@ -40,7 +41,16 @@ def test_console_script_help() -> None:
         [str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
-    for command in ("demo-data", "runs", "materialize", "report", "deploy"):
+    for command in (
+        "demo-data",
+        "runs",
+        "materialize",
+        "report",
+        "deploy",
+        "route",
+        "infer",
+        "serve",
+    ):
         assert command in done.stdout
 
 
@@ -195,3 +205,37 @@ def test_deploy_rollback_with_nothing_deployed(
 def test_deploy_needs_a_run_name(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["deploy"]) == 2
     assert "error: mole deploy needs a run name (or --rollback)" in capsys.readouterr().err
+
+
+# --- route / infer (the happy paths need a trained router: tests/test_serve.py) ----------------
+
+
+def test_route_with_nothing_deployed(
+    home: Path,
+    make_config: MakeConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MOLE_CONFIG_DIR", str(make_config()))
+    screen = tmp_path / "shot.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), "white").save(screen)
+    assert main(["route", str(screen)]) == 2
+    registry = Volumes.local(home).registry
+    assert (
+        f"error: {registry}: no router is deployed; fix: `mole deploy RUN`"
+        in capsys.readouterr().err
+    )
+
+
+def test_route_rejects_missing_and_non_image_files(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["route", str(tmp_path / "nope.png")]) == 2
+    assert "nope.png: no such image file" in capsys.readouterr().err
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert main(["infer", str(text), "--prompt", "hi"]) == 2
+    assert "notes.png: not a readable PNG or JPEG image" in capsys.readouterr().err

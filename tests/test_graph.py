@@ -26,7 +26,12 @@ from mole_assets.resources import MoleResource
 from .conftest import PER_EXPERT, REPO
 
 RUN = "graph-test"
-TEST_MODE = {"ops": {"router_checkpoint": {"config": {"mode": "test"}}}}
+TEST_MODE = {
+    "ops": {
+        "router_checkpoint": {"config": {"mode": "test"}},
+        "expert_adapters": {"config": {"mode": "test"}},
+    }
+}
 
 
 @dataclass
@@ -57,11 +62,12 @@ def _materialize(
     config_dir: Path,
     selection: Any,
     run_config: dict[str, Any] | None = None,
+    run: str = RUN,
 ) -> Any:
     return dg.materialize(
         router_assets(load_config(config_dir)),
         instance=instance,
-        partition_key=RUN,
+        partition_key=run,
         selection=selection,
         resources={"mole": MoleResource(config_dir=str(config_dir))},
         run_config=run_config or {},

@@ -1,0 +1,126 @@
+"""Single-forward routing vs `generate()` on the same inputs and model; prints ONE JSON object.
+
+Needs a deployed router under MOLE_HOME (`make demo` does it). Inputs are the deployed run's
+held-out eval screenshots, already tokenized with the router's system prompt. Both methods run
+the same model with the router adapter active at batch size 1, on the same collated tensors,
+interleaved image by image (the machine's other load hits both alike); medians are reported:
+- route: one forward pass, argmax over the experts' first label tokens;
+- generate: greedy `generate()` with enough new tokens to emit the longest label and its end of
+  turn; correct when the decoded text is the label.
+`speedup` = generate time / route time (model time; the shared preprocessing is reported apart).
+Throughput: routing images/s at batch 1 and 16, preprocessing included.
+
+    MOLE_HOME=.mole python benchmarks/route.py [--images 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from modal_jobs.batching import Encoded, collate
+from modal_jobs.deploy import current_router
+from modal_jobs.errors import MoleError
+from modal_jobs.inference import ROUTER_ADAPTER, RouterInfo, Stack
+from modal_jobs.layout import Volumes
+from modal_jobs.model import Runtime
+from modal_jobs.routing import score
+from modal_jobs.shards import load_split, read_index
+
+
+@torch.no_grad()
+def compare(stack: Stack, items: Sequence[Encoded], new_tokens: int) -> dict[str, Any]:
+    """Per image, interleaved: one routing forward and one greedy generate on the same tensors."""
+    ids = torch.tensor(stack.router.labels.token_ids)
+    eos = stack.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    routes, texts, route_s, generate_s, prep_s = [], [], [], [], []
+    with stack.adapter(ROUTER_ADAPTER):
+        for item in items:
+            began = time.perf_counter()
+            batch = collate(stack.processor, [item], stack.router.bounds)
+            batch.pop("labels")
+            prep_s.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            logits = stack.model(**batch, use_cache=False).logits[0, item.prompt_len - 1, ids]
+            routes.append(int(torch.softmax(logits, -1).argmax()))
+            route_s.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            out = stack.model.generate(
+                **batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos
+            )
+            generate_s.append(time.perf_counter() - began)
+            new = out[0, batch["input_ids"].shape[1] :]
+            texts.append(stack.processor.tokenizer.decode(new, skip_special_tokens=True).strip())
+    return {
+        "routes": np.array(routes),
+        "texts": texts,
+        "route_ms": 1000 * float(np.median(route_s)),
+        "generate_ms": 1000 * float(np.median(generate_s)),
+        "preprocess_ms": 1000 * float(np.median(prep_s)),
+    }
+
+
+def throughput(stack: Stack, items: Sequence[Encoded], batch_size: int) -> float:
+    """Routing images per second at `batch_size` (preprocessing included)."""
+    ids = stack.router.labels.token_ids
+    began = time.perf_counter()
+    with stack.adapter(ROUTER_ADAPTER):
+        score(stack.model, stack.processor, items, stack.router.bounds, ids, batch_size)
+    return len(items) / (time.perf_counter() - began)
+
+
+def main() -> int:
+    """Run the benchmark and print its JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=48)
+    args = parser.parse_args()
+    volumes = Volumes.local()
+    try:
+        folder = current_router(volumes)
+    except MoleError as exc:
+        print(json.dumps({"error": f"{exc} (run `make demo` first)"}))
+        return 2
+    router = RouterInfo.load(folder)
+    run = json.loads((folder / "report.json").read_text())["run"]
+    shards = volumes.run(run).shards
+    evaluation = load_split(shards, read_index(shards), "eval")
+    items, truth = evaluation.items[: args.images], evaluation.classes[: args.images]
+    stack = Stack(router, {}, Runtime.detect())
+    tokenizer = stack.processor.tokenizer
+    new_tokens = 1 + max(len(tokenizer(label)["input_ids"]) for label in router.labels.labels)
+
+    compare(stack, items[:4], new_tokens)  # warm-up: first calls pay one-time set-up
+    measured = compare(stack, items, new_tokens)
+    labels = router.labels.labels
+    generated_right = [t == labels[c] for t, c in zip(measured["texts"], truth, strict=True)]
+    throughput(stack, items[:16], 16)  # warm-up
+    result = {
+        "router": folder.name,
+        "images": len(items),
+        "device": str(stack.runtime.device),
+        "torch_threads": torch.get_num_threads(),
+        "route_ms_median": measured["route_ms"],
+        "generate_ms_median": measured["generate_ms"],
+        "preprocess_ms_median": measured["preprocess_ms"],
+        "speedup": measured["generate_ms"] / measured["route_ms"],
+        "route_accuracy": float((measured["routes"] == truth).mean()),
+        "generate_accuracy": float(np.mean(generated_right)),
+        "generate_max_new_tokens": new_tokens,
+        "throughput_images_per_s": {
+            "batch_1": throughput(stack, items, 1),
+            "batch_16": throughput(stack, items, 16),
+        },
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Stage `expert_adapters`: small demo expert LoRAs, so stacked inference works out of the box.
+
+`config/loras.json` registers expert adapters. An adapter given as a relative path lives on the
+inference volume and is *managed* by mole: this stage trains it on the run's routing-dataset train
+rows of the expert named by `dataset` (instruction → the expert's answer, loss on the answer
+only, no router system prompt), with the router's LoRA shape (language model only). Each adapter
+is written to its folder in one atomic rename. Absolute paths are the user's own adapters and are
+left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import get_peft_model
+from PIL import Image
+
+from modal_jobs.atomic import atomic_dir, write_json
+from modal_jobs.batching import Encoded, answer_loss, collate, encode
+from modal_jobs.config import ImageBounds, MoleConfig
+from modal_jobs.dataset import read_split
+from modal_jobs.errors import MoleError
+from modal_jobs.hashing import combine, file_sha256
+from modal_jobs.layout import Volumes
+from modal_jobs.model import Runtime, load_base, load_processor, lora_config
+from modal_jobs.optim import adamw
+from modal_jobs.shards import read_index
+from modal_jobs.stage import StageResult, StageSpec, json_value, number, path_value
+
+log = logging.getLogger(__name__)
+
+TEST_STEPS = 4
+
+
+class ExpertsError(MoleError):
+    """A registered expert adapter is missing or cannot be trained."""
+
+
+class ExpertsSpec(StageSpec):
+    """Demo expert training: steps per expert (`test` mode: a handful), batch size, seed."""
+
+    mode: Literal["full", "test"] = "full"
+    steps: int = 40
+    batch_size: int = 8
+    learning_rate: float = 0.003
+    seed: int = 0
+
+
+def adapter_paths(config: MoleConfig, volumes: Volumes) -> dict[str, Path]:
+    """Every registered expert's adapter folder (relative paths are on the inference volume)."""
+    return {
+        name: (volumes.inference / entry.adapter).resolve()
+        for name, entry in sorted(config.loras.experts.items())
+    }
+
+
+def managed(config: MoleConfig) -> dict[str, str]:
+    """Registered experts whose adapter mole trains: expert → routing-dataset expert."""
+    out = {}
+    for name, entry in sorted(config.loras.experts.items()):
+        if Path(entry.adapter).is_absolute():
+            continue
+        source = entry.dataset or name
+        if source not in config.dataset.experts:
+            raise ExpertsError(
+                f"{config.config_dir / 'loras.json'}: experts.{name}.dataset {source!r} is not an "
+                "expert of dataset.yaml; fix: name one of "
+                f"{sorted(config.dataset.experts)} or give an absolute adapter path"
+            )
+        out[name] = source
+    return out
+
+
+def require_adapters(config: MoleConfig, volumes: Volumes) -> dict[str, Path]:
+    """`adapter_paths`, failing clearly when a registered adapter folder is missing."""
+    paths = adapter_paths(config, volumes)
+    for name, path in paths.items():
+        if not (path / "adapter_config.json").is_file():
+            raise ExpertsError(
+                f"{config.config_dir / 'loras.json'}: expert {name!r} adapter {path} does not "
+                "exist; fix: materialize `expert_adapters` (mole materialize RUN) or correct "
+                f"experts.{name}.adapter"
+            )
+    return paths
+
+
+def run(spec: ExpertsSpec) -> StageResult:
+    """Train every managed expert adapter on its train rows and write it atomically."""
+    started = time.perf_counter()
+    index = read_index(spec.layout.shards)
+    bounds = ImageBounds(**index["image_bounds"])
+    processor = load_processor(index["base"])
+    runtime = Runtime.detect()
+    rows = read_split(spec.layout.dataset, "train")
+    paths = adapter_paths(spec.config, spec.volumes)
+    trained: dict[str, Any] = {}
+    for name, source in managed(spec.config).items():
+        items = [
+            _encode(processor, spec.layout.dataset, row, bounds)
+            for row in rows
+            if row["expert"] == source
+        ]
+        if not items:
+            raise ExpertsError(
+                f"{spec.layout.dataset / 'train.jsonl'}: no train rows of expert {source!r}; "
+                "fix: give it samples in dataset.yaml"
+            )
+        trained[name] = train_expert(spec, name, items, (processor, bounds, runtime), paths[name])
+        trained[name]["train_rows"] = len(items)
+    seconds = time.perf_counter() - started
+    return _result(spec, trained, paths, seconds)
+
+
+def _encode(processor: Any, dataset_dir: Path, row: dict[str, Any], bounds: ImageBounds) -> Encoded:
+    with Image.open(dataset_dir / row["image"]) as image:
+        return encode(processor, image, bounds, None, row["instruction"], row["answer"])
+
+
+def train_expert(
+    spec: ExpertsSpec,
+    name: str,
+    items: list[Encoded],
+    tools: tuple[Any, ImageBounds, Runtime],
+    target: Path,
+) -> dict[str, Any]:
+    """Train one expert LoRA from the base and publish `target` whole; returns its summary."""
+    processor, bounds, runtime = tools
+    base_dir = read_index(spec.layout.shards)["base"]
+    seed = int.from_bytes(hashlib.sha256(f"{spec.seed}:{name}".encode()).digest()[:4], "big")
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base(base_dir, runtime), lora_config(spec.config.preset.lora))
+    steps = TEST_STEPS if spec.mode == "test" else spec.steps
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = adamw(trainable, spec.learning_rate, steps // 10, steps)
+    rng = random.Random(seed)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        picks = rng.sample(items, min(spec.batch_size, len(items)))
+        batch = {k: v.to(runtime.device) for k, v in collate(processor, picks, bounds).items()}
+        labels = batch.pop("labels")
+        loss = answer_loss(model(**batch).logits, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    summary = {"expert": name, "base": base_dir, "steps": steps, "final_loss": losses[-1]}
+    with atomic_dir(target) as staging:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        write_json(staging / "expert_summary.json", summary)
+    log.info("expert %s: %d steps, loss %.3f → %.3f", name, steps, losses[0], losses[-1])
+    return summary
+
+
+def _result(
+    spec: ExpertsSpec, trained: dict[str, Any], paths: dict[str, Path], seconds: float
+) -> StageResult:
+    hashes = {n: file_sha256(paths[n] / "adapter_model.safetensors") for n in trained}
+    metadata = {
+        "path": path_value(spec.volumes.inference / "experts"),
+        "experts": json_value(
+            {
+                n: {"loss": round(s["final_loss"], 4), "rows": s["train_rows"]}
+                for n, s in trained.items()
+            }
+        ),
+        "registered": json_value({n: str(p) for n, p in paths.items()}),
+        "wall_seconds": number(round(seconds, 2)),
+    }
+    version = combine(f"{n}:{h}" for n, h in sorted(hashes.items()))[:16] if hashes else "none"
+    return StageResult(version, metadata)
+
+
+if __name__ == "__main__":
+    from modal_jobs.pipes import main
+
+    main(run, ExpertsSpec)

@@ -1,0 +1,227 @@
+"""Stacked inference end to end: a run trained well enough to route, deployed, then `mole route`,
+`mole infer` and `mole serve` (a real HTTP server on a free 127.0.0.1 port) against it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+from PIL import Image
+
+from modal_jobs.calibration import ECE_BINS
+from modal_jobs.config import load_config
+from modal_jobs.demo_data import render_sample
+from modal_jobs.inference import Stack
+from modal_jobs.layout import Volumes
+from mole_assets.partitions import RUN_NAMES
+
+from .test_graph import _config, _materialize
+
+RUN = "serve-test"
+# Enough router steps on the small test data to route held-out screens reliably (test mode's
+# 8 steps on 48 samples is near chance); the demo experts only need to exist here.
+TRAIN = {
+    "ops": {
+        "router_checkpoint": {"config": {"mode": "full", "steps": 240}},
+        "expert_adapters": {"config": {"mode": "test"}},
+    }
+}
+HELD_OUT_SEED = 424242
+
+
+@dataclass
+class Deployed:
+    config_dir: Path
+    volumes: Volumes
+    env: dict[str, str]
+    screens: dict[str, Path]
+    prompts: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path) -> Deployed:
+    root = tmp_path_factory.mktemp("serve")
+    os.environ["DAGSTER_HOME"] = str(root / "dagster")
+    (root / "dagster").mkdir()
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions(RUN_NAMES, [RUN])
+    config_dir = _config(root / "config", experts_dir, min_accuracy=0.0)
+    selection = dg.AssetSelection.assets("deployed_router").upstream()
+    result = _materialize(instance, config_dir, selection, TRAIN, run=RUN)
+    assert result.success
+    screens, prompts = {}, {}
+    for expert in ("calendar", "terminal", "spreadsheet"):
+        sample = render_sample(expert, random.Random(f"{HELD_OUT_SEED}:{expert}"))
+        screens[expert] = root / f"{expert}.png"
+        sample.image.save(screens[expert])
+        prompts[expert] = sample.instruction
+    env = {**os.environ, "MOLE_CONFIG_DIR": str(config_dir)}
+    return Deployed(config_dir, Volumes.local(), env, screens, prompts)
+
+
+def _mole(deployed: Deployed, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mole_assets.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=deployed.env,
+        check=False,
+    )
+
+
+def test_report_has_calibration_latency_and_end_to_end(deployed: Deployed) -> None:
+    report = json.loads((deployed.volumes.run(RUN).report / "report.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["ece_bins"] == ECE_BINS
+    assert 0.0 <= calibration["ece_after"] <= 1.0 and calibration["temperature"] > 0
+    assert len(calibration["risk_coverage"]["coverage"]) == report["n"]
+    assert report["latency_batch1"]["images"] > 0 and report["latency_batch1"]["p95_ms"] > 0
+    end = report["end_to_end"]
+    assert end["n"] == report["n"] and {"routed", "oracle", "base"} <= set(end)
+    for figure in ("reliability.png", "risk_coverage.png", "confusion_matrix.png"):
+        assert (deployed.volumes.run(RUN).report / figure).read_bytes().startswith(b"\x89PNG")
+    current = json.loads(deployed.volumes.registry.read_text())["current"]
+    router = json.loads((deployed.volumes.routers / current / "router.json").read_text())
+    assert router["temperature"] == calibration["temperature"]
+
+
+def test_route_held_out_screens(deployed: Deployed) -> None:
+    for expert, screen in deployed.screens.items():
+        done = _mole(deployed, "route", str(screen), "--prompt", deployed.prompts[expert], "--json")
+        assert done.returncode == 0, done.stderr[-2000:]
+        route = json.loads(done.stdout)
+        assert route["expert"] == expert, route
+        assert abs(sum(route["probabilities"].values()) - 1.0) < 1e-6
+        assert set(route["probabilities"]) == set(load_config(deployed.config_dir).dataset.experts)
+        assert route["temperature"] > 0 and isinstance(route["abstained"], bool)
+
+
+def test_infer_runs_the_routed_expert_adapter(deployed: Deployed) -> None:
+    screen, prompt = deployed.screens["calendar"], deployed.prompts["calendar"]
+    done = _mole(deployed, "infer", str(screen), "--prompt", prompt, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout)
+    route = answer["route"]
+    assert route["expert"] == "calendar"
+    expected = None if route["abstained"] else "calendar"
+    assert answer["adapter"] == route["adapter"] == expected
+    # The same answer comes out when that adapter is activated by hand: it is the one that ran.
+    stack = Stack.deployed(load_config(deployed.config_dir), deployed.volumes)
+    with Image.open(screen) as image:
+        rgb = image.convert("RGB")
+    from modal_jobs.batching import encode
+
+    item = encode(stack.processor, rgb, stack.router.bounds, None, prompt, None)
+    with stack.adapter(answer["adapter"]):
+        assert stack.generate([item], 48)[0] == answer["answer"]
+
+
+# --- HTTP API ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(deployed: Deployed) -> Iterator[str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mole_assets.cli", "serve", "--port", str(port)],
+        env=deployed.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                _call(url, "GET", "/health")
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _call(url: str, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url + path, data=body, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_http_route_and_infer(server: str, deployed: Deployed) -> None:
+    with Image.open(deployed.screens["terminal"]) as image:
+        encoded = _png(image)
+    prompt = deployed.prompts["terminal"]
+    status, route = _call(
+        server, "POST", "/route", json.dumps({"image": encoded, "prompt": prompt}).encode()
+    )
+    assert status == 200 and route["expert"] == "terminal"
+    assert abs(sum(route["probabilities"].values()) - 1.0) < 1e-6
+    status, answer = _call(
+        server, "POST", "/infer", json.dumps({"image": encoded, "prompt": prompt}).encode()
+    )
+    assert status == 200 and answer["route"]["expert"] == "terminal"
+    assert answer["adapter"] == answer["route"]["adapter"] and isinstance(answer["answer"], str)
+
+
+def test_http_bad_requests_get_4xx_json_and_server_stays_healthy(server: str) -> None:
+    small = _png(Image.new("RGB", (64, 48), "white"))
+    huge = _png(Image.new("RGB", (5000, 4000), "white"))
+    cases = {
+        "bad JSON": ("/route", b"{not json", 400),
+        "not an object": ("/route", b"[1, 2]", 400),
+        "missing image": ("/route", json.dumps({"prompt": "x"}).encode(), 400),
+        "not base64": ("/route", json.dumps({"image": "%%%"}).encode(), 400),
+        "not an image": (
+            "/route",
+            json.dumps({"image": base64.b64encode(b"hello").decode()}).encode(),
+            400,
+        ),
+        "missing prompt": ("/infer", json.dumps({"image": small}).encode(), 400),
+        "huge image": ("/route", json.dumps({"image": huge}).encode(), 413),
+        "unknown endpoint": ("/nope", json.dumps({"image": small}).encode(), 404),
+    }
+    for name, (path, body, expected) in cases.items():
+        status, payload = _call(server, "POST", path, body)
+        assert status == expected, (name, status, payload)
+        assert payload["status"] == expected and payload["error"], name
+    status, payload = _call(server, "POST", "/route", b"x" * (9 * 1024 * 1024))
+    assert status == 413 and "limit" in payload["error"]
+    status, health = _call(server, "GET", "/health")
+    assert status == 200 and health["status"] == "ok"
+    assert health["router"].startswith(RUN) and len(health["adapters"]) == 6
