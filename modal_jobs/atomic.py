@@ -27,6 +27,7 @@ def _temp_sibling(target: Path, tag: str) -> Path:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces `target` whole when the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(target)
     staging = _temp_sibling(target, "tmp")
     staging.mkdir()
     try:
@@ -35,6 +36,24 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_orphans(target: Path) -> None:
+    """Delete temporary siblings of `target` left by processes that were killed mid-write."""
+    for sibling in target.parent.glob(f".{target.name}.*-*-*"):
+        pid = sibling.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def replace_dir(source: Path, target: Path) -> None:

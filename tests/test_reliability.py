@@ -55,6 +55,7 @@ def prepared(
     (config_dir / "dataset.yaml").write_text(yaml.safe_dump(data))
     loras = json.loads((config_dir / "loras.json").read_text())
     loras["router"]["min_accuracy"] = 0.0
+    loras["experts"] = {}  # no expert adapters: these tests are about the router's artifacts
     (config_dir / "loras.json").write_text(json.dumps(loras))
     volumes = Volumes.local()  # the session MOLE_HOME, where the tiny base is cached
     spec = StageSpec(run=RUN, config=load_config(config_dir), volumes=volumes)
@@ -151,10 +152,7 @@ def _seeded_inference(seed: Path, target: Path, spec: StageSpec) -> StageSpec:
 def test_kill_during_deploy_never_serves_a_mix_and_rollback_restores(
     prepared: Prepared, tmp_path: Path
 ) -> None:
-    if not (prepared.spec.layout.checkpoint / "adapter_model.safetensors").is_file():
-        train.run(train.TrainSpec(**prepared.spec.model_dump(), mode="test"))
-    if not (prepared.spec.layout.report / "report.json").is_file():
-        evaluate.run(prepared.spec)
+    _ensure_report(prepared)
     # Seed: an inference volume whose current router is "previous-000" (a complete copy).
     seed_spec = _seeded_inference_empty(tmp_path / "seed", prepared.spec)
     deploy.run(seed_spec)
@@ -192,23 +190,44 @@ def _seeded_inference_empty(target: Path, spec: StageSpec) -> StageSpec:
     return spec.model_copy(update={"volumes": volumes})
 
 
-def test_kill_during_dataset_leaves_old_dataset_whole(prepared: Prepared, tmp_path: Path) -> None:
-    layout = prepared.spec.layout
-    before = (layout.dataset / "manifest.json").read_bytes()
-    for delay in (1.0, 2.0, 3.0, 4.0):
-        process = stage_process(
-            "dataset", prepared.spec.model_dump(mode="json"), tmp_path / "dataset.json"
-        )
+def _ensure_report(prepared: Prepared) -> None:
+    if not (prepared.spec.layout.checkpoint / "adapter_model.safetensors").is_file():
+        train.run(train.TrainSpec(**prepared.spec.model_dump(), mode="test"))
+    if not (prepared.spec.layout.report / "report.json").is_file():
+        evaluate.run(prepared.spec)
+
+
+# (stage module, artifact folder attribute, the file that lists a complete artifact's parts)
+KILLABLE = [
+    ("dataset", "dataset", "manifest.json"),
+    ("shards", "shards", "index.json"),
+    ("evaluate", "report", "report.json"),
+]
+
+
+@pytest.mark.parametrize(("stage", "folder", "index"), KILLABLE)
+def test_kill_during_stage_leaves_a_whole_artifact(
+    prepared: Prepared, tmp_path: Path, stage: str, folder: str, index: str
+) -> None:
+    _ensure_report(prepared)
+    artifact: Path = getattr(prepared.spec.layout, folder)
+    before = sorted(p.name for p in artifact.iterdir())
+    for delay in (1.5, 3.0, 4.5, 6.0):
+        process = stage_process(stage, prepared.spec.model_dump(mode="json"), tmp_path / "s.json")
         time.sleep(delay)
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
-        assert (layout.dataset / "manifest.json").read_bytes() == before
-        assert {p.name for p in layout.dataset.glob("*.jsonl")} == {
-            "train.jsonl",
-            "val.jsonl",
-            "eval.jsonl",
-        }
+        json.loads((artifact / index).read_text())  # complete and parseable
+        assert sorted(p.name for p in artifact.iterdir()) == before
+        # Hidden siblings: staging folders (swept by the next write) and the shards' chunk parts.
+        leftovers = [
+            p
+            for p in artifact.parent.iterdir()
+            if p.name.startswith(f".{artifact.name}") and not p.name.endswith(".parts")
+        ]
+        assert all(".tmp-" in p.name for p in leftovers), leftovers
+        assert len(leftovers) <= 1  # the next write sweeps the ones left by killed processes
 
 
 def test_full_disk_leaves_nothing_partial(
