@@ -29,7 +29,7 @@ from modal_jobs.errors import MoleError
 from modal_jobs.hashing import combine, file_sha256
 from modal_jobs.layout import Volumes
 from modal_jobs.model import Runtime, load_base, load_processor, lora_config
-from modal_jobs.optim import adamw
+from modal_jobs.optim import adamw, optimizer_step
 from modal_jobs.shards import read_index
 from modal_jobs.stage import StageResult, StageSpec, json_value, number, path_value
 
@@ -146,11 +146,7 @@ def train_expert(
         batch = {k: v.to(runtime.device) for k, v in collate(processor, picks, bounds).items()}
         labels = batch.pop("labels")
         loss = answer_loss(model(**batch).logits, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, trainable, optimizer, scheduler)
         losses.append(loss.item())
     summary = {"expert": name, "base": base_dir, "steps": steps, "final_loss": losses[-1]}
     with atomic_dir(target) as staging:

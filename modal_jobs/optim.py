@@ -25,3 +25,18 @@ def adamw(
         optimizer, lambda step: warmup_cosine(step, warmup, total)
     )
     return optimizer, scheduler
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    params: Iterable[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_norm: float = 1.0,
+) -> None:
+    """Backward, clip the gradient norm, step optimizer and schedule, clear the gradients."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -34,7 +34,7 @@ from modal_jobs import demo_data
 from modal_jobs.atomic import atomic_dir, write_json
 from modal_jobs.batching import Encoded, answer_loss, collate, encode
 from modal_jobs.config import ModelPreset, PretrainSpec
-from modal_jobs.optim import adamw
+from modal_jobs.optim import adamw, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,7 @@ def pretrain(
         batch = collate(processor, rng.sample(encoded, spec.batch_size), preset.image)
         labels = batch.pop("labels")
         loss = answer_loss(model(**batch).logits, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, model.parameters(), optimizer, scheduler)
         if step % 50 == 0 or step == spec.steps - 1:
             log.info("pretrain step %d/%d loss %.3f", step + 1, spec.steps, loss.item())
     model.eval()

@@ -33,7 +33,7 @@ from modal_jobs.batching import answer_loss, collate
 from modal_jobs.config import ImageBounds
 from modal_jobs.hashing import file_sha256
 from modal_jobs.model import Runtime, load_base, load_processor, lora_config
-from modal_jobs.optim import adamw
+from modal_jobs.optim import adamw, optimizer_step
 from modal_jobs.shards import Split, load_split, read_index
 from modal_jobs.stage import (
     StageResult,
@@ -192,11 +192,7 @@ def train_loop(
         batch = batches.at(step, hyper.batch_size, spec.seed)
         labels = batch.pop("labels")
         loss = answer_loss(model(**batch).logits, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, trainable, optimizer, scheduler)
         done = step + 1
         stats.tokens += int(batch["attention_mask"].sum())
         stats.curve.append((done, loss.item()))
