@@ -142,20 +142,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(deployed: Deployed) -> Iterator[str]:
+def server(deployed: Deployed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mole_assets.cli", "serve", "--port", str(port)],
-        env=deployed.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # A file, not a pipe: a pipe nobody reads fills up with request logs and blocks the server.
+    log = tmp_path_factory.mktemp("serve_log") / "serve.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mole_assets.cli", "serve", "--port", str(port)],
+            env=deployed.env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert process.poll() is None, log.read_text()
             try:
                 _call(url, "GET", "/health")
                 break
@@ -164,7 +166,11 @@ def server(deployed: Deployed) -> Iterator[str]:
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _call(url: str, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
