@@ -93,3 +93,16 @@ def tiny_base(mole_home: Path) -> str:
 
     config = load_config(REPO / "config")
     return resolve_base(config.loras.base_model, config.preset, Volumes.local(mole_home).models)
+
+
+def fresh_instance(root: Path, run: str) -> Any:
+    """A Dagster instance in `root/dagster` (made the process's DAGSTER_HOME) holding `run`."""
+    import dagster as dg
+
+    from mole_assets.partitions import RUN_NAMES
+
+    os.environ["DAGSTER_HOME"] = str(root / "dagster")
+    (root / "dagster").mkdir()
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions(RUN_NAMES, [run])
+    return instance

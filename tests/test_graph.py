@@ -4,7 +4,6 @@ a temp dir, on the tiny preset, through the local Pipes backend."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,10 +19,9 @@ from modal_jobs.config import load_config
 from modal_jobs.layout import RunLayout, Volumes
 from mole_assets.assets import router_assets
 from mole_assets.definitions import defs
-from mole_assets.partitions import RUN_NAMES
 from mole_assets.resources import MoleResource
 
-from .conftest import PER_EXPERT, REPO
+from .conftest import PER_EXPERT, REPO, fresh_instance
 
 RUN = "graph-test"
 TEST_MODE = {
@@ -80,10 +78,7 @@ def materialized(
     tmp_path_factory: pytest.TempPathFactory, experts_dir: Path, tiny_base: str
 ) -> Materialized:
     root = tmp_path_factory.mktemp("graph")
-    os.environ["DAGSTER_HOME"] = str(root / "dagster")
-    (root / "dagster").mkdir()
-    instance = dg.DagsterInstance.get()
-    instance.add_dynamic_partitions(RUN_NAMES, [RUN])
+    instance = fresh_instance(root, RUN)
     config_dir = _config(root / "config", experts_dir, min_accuracy=0.0)
     selection = dg.AssetSelection.assets("deployed_router").upstream()
     result = _materialize(instance, config_dir, selection, TEST_MODE)

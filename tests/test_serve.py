@@ -28,8 +28,8 @@ from modal_jobs.config import load_config
 from modal_jobs.demo_data import render_sample
 from modal_jobs.inference import Stack
 from modal_jobs.layout import Volumes
-from mole_assets.partitions import RUN_NAMES
 
+from .conftest import fresh_instance
 from .test_graph import _config, _materialize
 
 RUN = "serve-test"
@@ -56,10 +56,7 @@ class Deployed:
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path) -> Deployed:
     root = tmp_path_factory.mktemp("serve")
-    os.environ["DAGSTER_HOME"] = str(root / "dagster")
-    (root / "dagster").mkdir()
-    instance = dg.DagsterInstance.get()
-    instance.add_dynamic_partitions(RUN_NAMES, [RUN])
+    instance = fresh_instance(root, RUN)
     config_dir = _config(root / "config", experts_dir, min_accuracy=0.0)
     selection = dg.AssetSelection.assets("deployed_router").upstream()
     result = _materialize(instance, config_dir, selection, TRAIN, run=RUN)
