@@ -4,7 +4,8 @@ Needs a deployed router under MOLE_HOME (`make demo` does it). Inputs are the de
 held-out eval screenshots, already tokenized with the router's system prompt. Both methods run
 the same model with the router adapter active at batch size 1, on the same collated tensors,
 interleaved image by image (the machine's other load hits both alike); medians are reported:
-- route: one forward pass, argmax over the experts' first label tokens;
+- route: one forward pass of the body, the experts' first-label-token rows of the vocabulary
+  head applied at the answer slot only (`modal_jobs.routing.slot_logits`, what serving runs);
 - generate: greedy `generate()` with enough new tokens to emit the longest label and its end of
   turn; correct when the decoded text is the label.
 `speedup` = generate time / route time (model time; the shared preprocessing is reported apart).
@@ -31,11 +32,11 @@ from modal_jobs.errors import MoleError
 from modal_jobs.inference import ROUTER_ADAPTER, RouterInfo, Stack
 from modal_jobs.layout import Volumes
 from modal_jobs.model import Runtime
-from modal_jobs.routing import score
+from modal_jobs.routing import score, slot_logits
 from modal_jobs.shards import load_split, read_index
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def compare(stack: Stack, items: Sequence[Encoded], new_tokens: int) -> dict[str, Any]:
     """Per image, interleaved: one routing forward and one greedy generate on the same tensors."""
     ids = torch.tensor(stack.router.labels.token_ids)
@@ -48,7 +49,7 @@ def compare(stack: Stack, items: Sequence[Encoded], new_tokens: int) -> dict[str
             batch.pop("labels")
             prep_s.append(time.perf_counter() - began)
             began = time.perf_counter()
-            logits = stack.model(**batch, use_cache=False).logits[0, item.prompt_len - 1, ids]
+            logits = slot_logits(stack.model, batch, [item.prompt_len - 1], ids)[0]
             routes.append(int(torch.softmax(logits, -1).argmax()))
             route_s.append(time.perf_counter() - began)
             began = time.perf_counter()

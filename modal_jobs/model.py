@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
 from modal_jobs.config import LoraSpec
@@ -47,6 +47,7 @@ def load_base(base: str, runtime: Runtime) -> Qwen3VLForConditionalGeneration:
         base, dtype=runtime.dtype, attn_implementation=runtime.attention
     )
     model.requires_grad_(False)
+    patch_embed_as_matmul(model)
     # transformers wraps `.to` in a decorator whose annotation drops the device argument.
     model.to(runtime.device)  # type: ignore[arg-type]
     return model
@@ -61,3 +62,45 @@ def lora_config(spec: LoraSpec) -> LoraConfig:
         target_modules=LORA_TARGETS,
         task_type="CAUSAL_LM",
     )
+
+
+class PatchMatmul(torch.nn.Conv3d):
+    """A Conv3d whose kernel equals its stride, fed exactly one kernel-sized patch per row.
+
+    That is a matrix product of the flattened patch with the flattened kernel: same parameters,
+    same result up to float summation order. The vision tower's patch embedding is such a conv,
+    and on CPU mkldnn runs it ~8× slower than the matmul (1.6 ms of a 8 ms routing forward).
+    """
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, C, T, P, P) patches → (N, out_channels, 1, 1, 1), like the conv."""
+        flat = patches.reshape(patches.shape[0], -1)
+        kernel = self.weight.reshape(self.out_channels, -1)
+        out = torch.nn.functional.linear(flat, kernel, self.bias)
+        return out.view(patches.shape[0], self.out_channels, 1, 1, 1)
+
+
+def patch_embed_as_matmul(model: Qwen3VLForConditionalGeneration) -> None:
+    """Run the vision patch embedding as `PatchMatmul`, in place.
+
+    Weights and state dict keys are unchanged, so saved models and adapters are unaffected.
+    """
+    conv = model.model.visual.patch_embed.proj
+    exact = (
+        type(conv) is torch.nn.Conv3d
+        and conv.kernel_size == conv.stride
+        and conv.padding == (0, 0, 0)
+        and conv.dilation == (1, 1, 1)
+        and conv.groups == 1
+    )
+    if exact:
+        conv.__class__ = PatchMatmul
+
+
+def body_and_head(model: Any) -> tuple[Any, Any]:
+    """The body (inputs → hidden states) and the vocabulary head of a Qwen3-VL causal LM.
+
+    Seen through a PEFT wrapper too: the active LoRA layers live inside the body.
+    """
+    causal = model.get_base_model() if isinstance(model, PeftModel) else model
+    return causal.model, causal.lm_head

@@ -13,6 +13,7 @@ import torch
 from modal_jobs.batching import Encoded, collate
 from modal_jobs.calibration import softmax
 from modal_jobs.config import ImageBounds
+from modal_jobs.model import body_and_head
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Scores:
     batch_seconds: list[float]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score(
     model: Any,
     processor: Any,
@@ -42,13 +43,24 @@ def score(
         began = time.perf_counter()
         batch = {k: v.to(device) for k, v in collate(processor, group, bounds).items()}
         batch.pop("labels")
-        # Routing reads one position and never decodes further: no KV cache to build.
-        logits = model(**batch, use_cache=False).logits
-        # The logits at the last prompt token predict the answer's first token.
-        rows = torch.arange(len(group), device=device)
-        slots = torch.tensor([item.prompt_len - 1 for item in group], device=device)
-        chosen = logits[rows, slots][:, label_ids].float()
+        slots = [item.prompt_len - 1 for item in group]
+        chosen = slot_logits(model, batch, slots, label_ids).float()
         chunks.append(chosen.cpu().numpy())
         seconds.append(time.perf_counter() - began)
     logits = np.concatenate(chunks) if chunks else np.zeros((0, len(token_ids)))
     return Scores(logits, softmax(logits), seconds)
+
+
+def slot_logits(
+    model: Any, batch: dict[str, torch.Tensor], slots: Sequence[int], label_ids: torch.Tensor
+) -> torch.Tensor:
+    """Logits of `label_ids` at one position per row: the only ones routing needs.
+
+    The body runs without a KV cache (nothing decodes after it), and only the experts' rows of
+    the vocabulary head are applied, at the slot: the full head over every position is skipped.
+    """
+    body, head = body_and_head(model)
+    hidden = body(**batch, use_cache=False).last_hidden_state
+    at = torch.tensor(list(slots), device=hidden.device)
+    rows = hidden[torch.arange(len(slots), device=hidden.device), at]
+    return torch.nn.functional.linear(rows, head.weight[label_ids], head.bias)

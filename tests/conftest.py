@@ -86,13 +86,22 @@ def copy_experts(source: Path, target: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(mole_home: Path) -> str:
-    """Build (once per session) and return the cached tiny base the graph runs on."""
+    """Build (once per session) and return the cached tiny base the graph runs on.
+
+    `MOLE_TEST_MODELS=<a models volume>` (e.g. `.mole/volumes/moe-lora-models` after `make
+    demo`) seeds the session from bases built before; a base is reused only if its recipe hash
+    matches, so a stale one is rebuilt as usual.
+    """
     from modal_jobs.config import load_config
     from modal_jobs.layout import Volumes
     from modal_jobs.presets import resolve_base
 
     config = load_config(REPO / "config")
-    return resolve_base(config.loras.base_model, config.preset, Volumes.local(mole_home).models)
+    models = Volumes.local(mole_home).models
+    seed = os.environ.get("MOLE_TEST_MODELS")
+    if seed and (Path(seed) / "presets").is_dir() and not (models / "presets").exists():
+        shutil.copytree(Path(seed) / "presets", models / "presets")
+    return resolve_base(config.loras.base_model, config.preset, models)
 
 
 def fresh_instance(root: Path, run: str) -> Any:
