@@ -81,7 +81,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from modal_jobs.batching import IGNORE_INDEX, answer_loss
 from modal_jobs.config import ImageBounds, ModelPreset, load_config
-from modal_jobs.model import Runtime, lora_config
+from modal_jobs.model import Runtime, lora_config, patch_embed_as_matmul
 from modal_jobs.optim import adamw, optimizer_step
 
 # Qwen/Qwen3-VL-2B-Instruct's config.json,
@@ -408,6 +408,7 @@ def build_model(
             config, dtype=runtime.dtype, attn_implementation=runtime.attention
         )
     base.requires_grad_(False)
+    patch_embed_as_matmul(base)  # as `load_base` does in production
     # transformers 5's name for gradient_checkpointing_enable (now its deprecated alias)
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
