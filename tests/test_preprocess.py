@@ -1,8 +1,10 @@
-"""Fast preprocessing equals the processor's own: encode and batch pixels."""
+"""Fast preprocessing equals the processor's own: encode, batch pixels, shards, lazy reading."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,10 +13,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.numpy import load_file
 
+from modal_jobs import dataset, shards
 from modal_jobs.batching import Encoded, collate, encode, vision_inputs
-from modal_jobs.config import ImageBounds
+from modal_jobs.config import ConfigError, ImageBounds, load_config
+from modal_jobs.layout import Volumes
 from modal_jobs.model import load_processor
+from modal_jobs.stage import StageSpec
+from tests.conftest import MakeConfig
 from tests.processor_reference import encode_reference, vision_reference
 
 BOUNDS = ImageBounds(min_pixels=4096, max_pixels=40960)
@@ -102,3 +109,87 @@ def test_collate_equals_the_image_processor_with_elongated_screens(processor: An
     assert torch.equal(batch["image_grid_thw"], theirs["image_grid_thw"])
     grids = [item.grid_thw for item in items]
     assert batch["image_grid_thw"].tolist() == [list(grid) for grid in grids]
+
+
+@pytest.fixture
+def small_run(make_config: MakeConfig, tiny_base: str) -> StageSpec:
+    """A written routing dataset of 4 screens per expert on the session's volumes."""
+    spec = StageSpec(
+        run="preprocess", config=load_config(make_config(count=4)), volumes=Volumes.local()
+    )
+    dataset.run(spec)
+    return spec
+
+
+def test_shards_are_the_same_bytes_whatever_the_workers(
+    small_run: StageSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(shards.WORKERS_ENV, "1")
+    shards.run(small_run)
+    one = tmp_path / "one"
+    shutil.copytree(small_run.layout.shards, one)
+
+    # Two workers, forced to share: helpers start after the first piece, and this process
+    # waits for one to be up before each piece, so the helper surely encodes some pieces.
+    monkeypatch.setenv(shards.WORKERS_ENV, "2")
+    monkeypatch.setattr(shards, "PIECE_SIZE", 3)
+    monkeypatch.setattr(shards, "HELPER_START_SECONDS", 0.0)
+    pools: list[shards.Helpers] = []
+    start_helpers, encode_here = shards.Helpers.__init__, shards.Encoder.encode
+
+    def record(self: shards.Helpers, *args: Any) -> None:
+        start_helpers(self, *args)
+        pools.append(self)
+
+    def after_a_helper_started(self: shards.Encoder, *args: Any) -> list[Encoded]:
+        deadline = time.monotonic() + 300
+        while pools and not any(f.done() for f in pools[0].started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return encode_here(self, *args)
+
+    monkeypatch.setattr(shards.Helpers, "__init__", record)
+    monkeypatch.setattr(shards.Encoder, "encode", after_a_helper_started)
+    shards.run(small_run)
+    two = small_run.layout.shards
+
+    assert pools and pools[0].encoded >= 1
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for file in one.iterdir():
+        assert file.read_bytes() == (two / file.name).read_bytes(), file.name
+
+
+def test_load_split_reads_samples_lazily(
+    small_run: StageSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "SHARD_SIZE", 5)  # several shards per split
+    shards.run(small_run)
+    folder = small_run.layout.shards
+    index = shards.read_index(folder)
+    files = index["splits"]["train"]["files"]
+    assert len(files) > 1
+    eager = [item for f in files for item in shards.unpack(load_file(str(folder / f["name"])))]
+    split = shards.load_split(folder, index, "train")
+    assert len(split.items) == len(eager) == len(split.classes)
+    assert isinstance(split.items, shards.SplitSamples)
+    for shard in split.items.shards:
+        assert "pixels" not in shard.arrays  # pixels stay in the mapped file until asked for
+    for n, item in enumerate(split.items):
+        assert_same(item, eager[n])
+    assert_same(split.items[-1], eager[-1])
+    assert [i.prompt_len for i in split.items[2:7]] == [i.prompt_len for i in eager[2:7]]
+    with pytest.raises(IndexError):
+        split.items[len(eager)]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_workers_env_must_be_a_positive_count(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(shards.WORKERS_ENV, value)
+    with pytest.raises(ConfigError, match=shards.WORKERS_ENV):
+        shards.preprocess_workers()
+
+
+def test_workers_default_to_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(shards.WORKERS_ENV, raising=False)
+    assert 1 <= shards.preprocess_workers() <= shards.MAX_DEFAULT_WORKERS
+    monkeypatch.setenv(shards.WORKERS_ENV, "3")
+    assert shards.preprocess_workers() == 3
