@@ -187,23 +187,23 @@ def _vision(
 def vision_inputs(processor: Any, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
     """`pixel_values` and `image_grid_thw` of sized uint8 screenshots, as the image processor makes.
 
-    Rescale and normalise per channel, then Qwen-VL's patch layout, image after image.
+    Rescale and normalise per channel, then Qwen-VL's patch layout, image after image, each
+    written straight into its rows of the batch's tensor.
     """
     config = processor.image_processor
     mean, std = _channel_stats(config)
-    patches, grids = [], []
-    for pixels in images:
+    grids = [image_grid(processor, pixels.shape[0], pixels.shape[1]) for pixels in images]
+    width = 3 * config.temporal_patch_size * config.patch_size**2
+    pixel_values = torch.empty((sum(h * w for _, h, w in grids), width), dtype=torch.float32)
+    start = 0
+    for pixels, (_, rows, columns) in zip(images, grids, strict=True):
         # Pixels straight from PIL (serving) are read-only, and torch wants a writable buffer.
         rgb = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
-        image = rgb.permute(2, 0, 1).to(torch.float32).sub_(mean).div_(std)
-        patches.append(
-            patchify(image, config.patch_size, config.merge_size, config.temporal_patch_size)
-        )
-        grids.append(image_grid(processor, *pixels.shape[:2]))
-    return {
-        "pixel_values": torch.cat(patches),
-        "image_grid_thw": torch.tensor(grids, dtype=torch.long),
-    }
+        image = rgb.to(torch.float32).sub_(mean).div_(std)  # channels last, as stored
+        out = pixel_values[start : start + rows * columns]
+        patchify(image, out, config.patch_size, config.merge_size, config.temporal_patch_size)
+        start += rows * columns
+    return {"pixel_values": pixel_values, "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
 
 def _channel_stats(config: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,22 +215,25 @@ def _channel_stats(config: Any) -> tuple[torch.Tensor, torch.Tensor]:
     scale = config.rescale_factor if config.do_rescale else 1.0
     mean = torch.tensor(config.image_mean if config.do_normalize else [0.0, 0.0, 0.0])
     std = torch.tensor(config.image_std if config.do_normalize else [1.0, 1.0, 1.0])
-    return (mean * (1.0 / scale)).view(3, 1, 1), (std * (1.0 / scale)).view(3, 1, 1)
+    return mean * (1.0 / scale), std * (1.0 / scale)
 
 
-def patchify(image: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
-    """One (channels, height, width) image as Qwen-VL patch rows: (rows × columns, C·T·P·P).
+def patchify(image: torch.Tensor, out: torch.Tensor, patch: int, merge: int, temporal: int) -> None:
+    """Write one (height, width, channels) image into `out` as Qwen-VL patch rows.
 
-    Rows follow merge blocks (each `merge` × `merge` neighbouring patches consecutive), and a
-    still image fills every one of the `temporal` frames of a patch.
+    `out` is (rows × columns, C·T·P·P). Rows follow merge blocks (each `merge` × `merge`
+    neighbouring patches consecutive); a row holds channel after channel, and a still image fills
+    every one of the `temporal` frames.
     """
-    channels, height, width = image.shape
+    height, width, channels = image.shape
     rows, columns = height // patch, width // patch
     blocks = image.reshape(
-        channels, rows // merge, merge, patch, columns // merge, merge, patch
-    ).permute(1, 4, 2, 5, 0, 3, 6)
+        rows // merge, merge, patch, columns // merge, merge, patch, channels
+    ).permute(0, 3, 1, 4, 6, 2, 5)
     frames = blocks.unsqueeze(5).expand(-1, -1, -1, -1, -1, temporal, -1, -1)
-    return frames.reshape(rows * columns, channels * temporal * patch * patch)
+    out.view(rows // merge, columns // merge, merge, merge, channels, temporal, patch, patch).copy_(
+        frames
+    )
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
