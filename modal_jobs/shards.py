@@ -52,7 +52,8 @@ WORKERS_ENV = "MOLE_PREPROCESS_WORKERS"
 # More processes than this mostly add start-up time and memory (each loads torch + processor).
 MAX_DEFAULT_WORKERS = 8
 # About what a helper takes to start (spawn, import torch and transformers, load the processor)
-# on a busy small machine: helpers are only worth starting for more work than that.
+# on a busy small machine. Helpers start only with more than twice that much work ahead: below,
+# their start-up (which competes for the same CPUs) costs about what they would save.
 HELPER_START_SECONDS = 8.0
 
 
@@ -225,14 +226,14 @@ def share_pieces(
     """Encode every piece, here and in up to `helpers` spawned processes; `collect(index, items)`.
 
     Helpers cost seconds to start (each imports torch and loads the processor), so they start
-    only once this process has timed a piece and sees more than `HELPER_START_SECONDS` of work
-    left, and it keeps encoding while they start. Returns how many pieces the helpers encoded.
+    only once this process has timed a piece and sees more than twice `HELPER_START_SECONDS` of
+    work left, and it keeps encoding while they start. Returns how many pieces helpers encoded.
     """
     todo = deque(enumerate(pieces))
     began, done = time.perf_counter(), 0
     while todo:
         pace = (time.perf_counter() - began) / max(done, 1)
-        if helpers > 0 and done > 0 and pace * len(todo) > HELPER_START_SECONDS:
+        if helpers > 0 and done > 0 and pace * len(todo) > 2 * HELPER_START_SECONDS:
             with Helpers(encoder, base, helpers) as pool:
                 return pool.share(todo, encoder, processor, collect)
         index, rows = todo.popleft()
