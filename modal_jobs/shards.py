@@ -21,7 +21,7 @@ import os
 import shutil
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -194,7 +194,7 @@ def tokenize_locally(
         for number, chunk in enumerate(chunks)
         for start in range(chunk.start, chunk.stop, PIECE_SIZE)
     ]
-    missing = [sum(1 for n, _ in pieces if n == number) for number in range(len(chunks))]
+    missing = Counter(number for number, _ in pieces)
     done: dict[int, dict[int, list[Encoded]]] = {number: {} for number in range(len(chunks))}
     entries: list[dict[str, Any]] = []
 
