@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,9 @@ def run(spec: StageSpec) -> StageResult:
     return _result(spec, report)
 
 
-def _score(stack: Stack, items: list[Encoded], adapter: str | None, batch_size: int = 32) -> Scores:
+def _score(
+    stack: Stack, items: Sequence[Encoded], adapter: str | None, batch_size: int = 32
+) -> Scores:
     router = stack.router
     with stack.adapter(adapter):
         return score(
@@ -129,7 +132,7 @@ def calibration_section(
     }
 
 
-def latency_batch1(stack: Stack, items: list[Encoded]) -> dict[str, Any]:
+def latency_batch1(stack: Stack, items: Sequence[Encoded]) -> dict[str, Any]:
     """Routing latency per image at batch size 1 (collate + forward) over a fixed image count."""
     sample = items[:LATENCY_IMAGES]
     _score(stack, sample[:1], ROUTER_ADAPTER, batch_size=1)  # warm-up: first call pays set-up

@@ -3,32 +3,58 @@
 Each sample becomes: token ids from the processor's chat template (system prompt, image,
 instruction, label), `mm_token_type_ids`, the answer span that carries the loss, the image grid,
 and the screenshot's pixels already resized into the pixel bounds (uint8). Shards are safetensors
-files of flat arrays plus offsets, memory-mappable and loaded without per-sample Python objects.
+files of flat arrays plus offsets, one per `SHARD_SIZE` rows of a split. On Modal each shard is
+one `.map` call; locally the stage process and `MOLE_PREPROCESS_WORKERS - 1` helper processes
+share smaller pieces of rows, and the stage process writes every shard, so the files are the same
+bytes whatever the number of workers. Reading memory-maps a shard and builds a sample only when
+it is asked for.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
+import logging
+import multiprocessing
+import os
 import shutil
+import threading
 import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from PIL import Image
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from modal_jobs.atomic import atomic_dir, write_json
 from modal_jobs.batching import Encoded, encode
+from modal_jobs.config import ConfigError, ImageBounds
 from modal_jobs.dataset import SPLITS, read_split
 from modal_jobs.hashing import combine, file_sha256
-from modal_jobs.labels import label_map
+from modal_jobs.labels import LabelMap, label_map
 from modal_jobs.model import load_processor
 from modal_jobs.presets import resolve_base
 from modal_jobs.stage import Check, StageResult, StageSpec, json_value, number, path_value, text
 
+log = logging.getLogger(__name__)
+
 SHARD_SIZE = 512
+# Rows one local process encodes at a time: small enough to share a shard between processes.
+PIECE_SIZE = 32
+WORKERS_ENV = "MOLE_PREPROCESS_WORKERS"
+# More processes than this mostly add start-up time and memory (each loads torch + processor).
+MAX_DEFAULT_WORKERS = 8
+# About what a helper takes to start (spawn, import torch and transformers, load the processor)
+# on a busy small machine. Helpers start only with more than twice that much work ahead: below,
+# their start-up (which competes for the same CPUs) costs about what they would save.
+HELPER_START_SECONDS = 8.0
 
 
 @dataclass(frozen=True)
@@ -47,12 +73,26 @@ class Chunk:
 
 
 def run(spec: StageSpec) -> StageResult:
-    """Tokenize every split of the run's routing dataset into shards."""
+    """Tokenize every split of the run's routing dataset into shards, with local workers."""
     started = time.perf_counter()
     base = prepare(spec)
     processor = load_processor(base)
-    entries = [tokenize_chunk(spec, base, chunk, processor) for chunk in plan(spec)]
+    entries = tokenize_locally(spec, base, plan(spec), processor, preprocess_workers())
     return finish(spec, base, entries, time.perf_counter() - started)
+
+
+def preprocess_workers() -> int:
+    """Processes that encode locally: `MOLE_PREPROCESS_WORKERS`, else the usable CPUs (≤ 8)."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if not raw:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(cpus or 1, MAX_DEFAULT_WORKERS))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(
+            f"{WORKERS_ENV}={raw!r}: expected a whole number of processes, at least 1; "
+            f"fix: unset it (one per CPU, at most {MAX_DEFAULT_WORKERS}) or set e.g. 2"
+        )
+    return int(raw)
 
 
 def prepare(spec: StageSpec) -> str:
@@ -83,13 +123,49 @@ def plan(spec: StageSpec) -> list[Chunk]:
 def tokenize_chunk(
     spec: StageSpec, base: str, chunk: Chunk, processor: Any = None
 ) -> dict[str, Any]:
-    """Encode one chunk into `parts_dir/<chunk.name>`; returns its index entry."""
+    """Encode one chunk into `parts_dir/<chunk.name>`; returns its index entry (one Modal call)."""
     processor = processor or load_processor(base)
-    labels = label_map(spec.config.dataset, processor)
-    dataset_dir = spec.layout.dataset
-    rows = read_split(dataset_dir, chunk.split)[chunk.start : chunk.stop]
-    items = [_encode_row(row, dataset_dir, processor, spec) for row in rows]
-    classes = np.array([labels.experts.index(row["expert"]) for row in rows], dtype=np.int64)
+    rows = read_split(spec.layout.dataset, chunk.split)[chunk.start : chunk.stop]
+    items = Encoder.of(spec).encode(processor, rows)
+    return write_chunk(
+        spec, chunk, items, classes_of(label_map(spec.config.dataset, processor), rows)
+    )
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """What encoding a row needs besides the processor; small and picklable for helpers."""
+
+    dataset_dir: Path
+    bounds: ImageBounds
+    system_prompt: str
+
+    @classmethod
+    def of(cls, spec: StageSpec) -> Encoder:
+        """The run's dataset folder, pixel bounds and system prompt."""
+        config = spec.config
+        return cls(spec.layout.dataset, config.image_bounds, config.dataset.system_prompt)
+
+    def encode(self, processor: Any, rows: Sequence[dict[str, Any]]) -> list[Encoded]:
+        """Each row's screenshot and conversation as model inputs, in order."""
+        return [self._row(processor, row) for row in rows]
+
+    def _row(self, processor: Any, row: dict[str, Any]) -> Encoded:
+        with Image.open(self.dataset_dir / row["image"]) as image:
+            return encode(
+                processor, image, self.bounds, self.system_prompt, row["instruction"], row["label"]
+            )
+
+
+def classes_of(labels: LabelMap, rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Each row's expert as an index into the label map."""
+    return np.array([labels.experts.index(row["expert"]) for row in rows], dtype=np.int64)
+
+
+def write_chunk(
+    spec: StageSpec, chunk: Chunk, items: list[Encoded], classes: np.ndarray
+) -> dict[str, Any]:
+    """Save one chunk's samples as `parts_dir/<chunk.name>`; returns its index entry."""
     target = parts_dir(spec) / chunk.name
     partial = target.with_name(f".{target.name}.partial")
     save_file(pack(items, classes), str(partial))
@@ -101,6 +177,141 @@ def tokenize_chunk(
         "sha256": file_sha256(target),
         "tokens": sum(len(item.input_ids) for item in items),
     }
+
+
+def tokenize_locally(
+    spec: StageSpec, base: str, chunks: list[Chunk], processor: Any, workers: int
+) -> list[dict[str, Any]]:
+    """Every chunk, its rows encoded in pieces by this process and `workers - 1` helpers.
+
+    Each chunk is written by this process, in order of its pieces, as soon as all of them are
+    back: the same file whoever encoded which piece, and only a few chunks are held in memory.
+    """
+    rows = {split: read_split(spec.layout.dataset, split) for split in SPLITS}
+    labels = label_map(spec.config.dataset, processor)
+    pieces = [
+        (number, rows[chunk.split][start : min(start + PIECE_SIZE, chunk.stop)])
+        for number, chunk in enumerate(chunks)
+        for start in range(chunk.start, chunk.stop, PIECE_SIZE)
+    ]
+    missing = Counter(number for number, _ in pieces)
+    done: dict[int, dict[int, list[Encoded]]] = {number: {} for number in range(len(chunks))}
+    entries: list[dict[str, Any]] = []
+
+    def collect(index: int, items: list[Encoded]) -> None:
+        number = pieces[index][0]
+        done[number][index] = items
+        missing[number] -= 1
+        if missing[number] == 0:
+            chunk = chunks[number]
+            samples = [item for _, part in sorted(done.pop(number).items()) for item in part]
+            chunk_rows = rows[chunk.split][chunk.start : chunk.stop]
+            entries.append(write_chunk(spec, chunk, samples, classes_of(labels, chunk_rows)))
+
+    helpers = min(workers, len(pieces)) - 1
+    parts = [part for _, part in pieces]
+    by_helpers = share_pieces(Encoder.of(spec), base, processor, parts, helpers, collect)
+    log.info("%d workers: helpers encoded %d of %d pieces", workers, by_helpers, len(pieces))
+    return sorted(entries, key=lambda entry: entry["name"])
+
+
+def share_pieces(
+    encoder: Encoder,
+    base: str,
+    processor: Any,
+    pieces: list[list[dict[str, Any]]],
+    helpers: int,
+    collect: Callable[[int, list[Encoded]], None],
+) -> int:
+    """Encode every piece, here and in up to `helpers` spawned processes; `collect(index, items)`.
+
+    Helpers cost seconds to start (each imports torch and loads the processor), so they start
+    only once this process has timed a piece and sees more than twice `HELPER_START_SECONDS` of
+    work left, and it keeps encoding while they start. Returns how many pieces helpers encoded.
+    """
+    todo = deque(enumerate(pieces))
+    began, done = time.perf_counter(), 0
+    while todo:
+        pace = (time.perf_counter() - began) / max(done, 1)
+        if helpers > 0 and done > 0 and pace * len(todo) > 2 * HELPER_START_SECONDS:
+            with Helpers(encoder, base, helpers) as pool:
+                return pool.share(todo, encoder, processor, collect)
+        index, rows = todo.popleft()
+        collect(index, encoder.encode(processor, rows))
+        done += 1
+    return 0
+
+
+class Helpers:
+    """Spawned processes that encode pieces of rows, each with its own processor."""
+
+    def __init__(self, encoder: Encoder, base: str, count: int) -> None:
+        self.pool = ProcessPoolExecutor(
+            count,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_helper,
+            initargs=(encoder, base, os.getpid()),
+        )
+        # One no-op per helper: each one done means a helper has started.
+        self.started = [self.pool.submit(_helper_ready) for _ in range(count)]
+        self.running: dict[Future[list[Encoded]], int] = {}
+        self.encoded = 0
+
+    def __enter__(self) -> Helpers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def share(
+        self,
+        todo: deque[tuple[int, list[dict[str, Any]]]],
+        encoder: Encoder,
+        processor: Any,
+        collect: Callable[[int, list[Encoded]], None],
+    ) -> int:
+        """Encode `todo` from the front here and from the back in started helpers."""
+        while todo or self.running:
+            # Two pieces wait per started helper, so none idles while this process encodes.
+            ready = sum(future.done() for future in self.started)
+            while todo and len(self.running) < 2 * ready:
+                index, rows = todo.pop()
+                self.running[self.pool.submit(_helper_encode, rows)] = index
+            if todo:
+                index, rows = todo.popleft()
+                collect(index, encoder.encode(processor, rows))
+            else:
+                wait(self.running, return_when=FIRST_COMPLETED)
+            for future in [future for future in self.running if future.done()]:
+                collect(self.running.pop(future), future.result())
+                self.encoded += 1
+        return self.encoded
+
+
+# A helper process's own processor and encoder, set once by `_start_helper`.
+_HELPER: dict[str, Any] = {}
+
+
+def _start_helper(encoder: Encoder, base: str, parent: int) -> None:
+    _HELPER["encoder"] = encoder
+    _HELPER["processor"] = load_processor(base)
+    # A killed stage process cannot stop its helpers: they notice being orphaned and exit.
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _helper_ready() -> None:
+    """Nothing: returns once the helper that runs it has started."""
+
+
+def _helper_encode(rows: list[dict[str, Any]]) -> list[Encoded]:
+    encoder: Encoder = _HELPER["encoder"]
+    return encoder.encode(_HELPER["processor"], rows)
 
 
 def finish(
@@ -142,18 +353,6 @@ def _dataset_version(dataset_dir: Path) -> str:
     return str(json.loads((dataset_dir / "manifest.json").read_text())["dataset_version"])
 
 
-def _encode_row(row: dict[str, Any], dataset_dir: Path, processor: Any, spec: StageSpec) -> Encoded:
-    with Image.open(dataset_dir / row["image"]) as image:
-        return encode(
-            processor,
-            image,
-            spec.config.image_bounds,
-            spec.config.dataset.system_prompt,
-            row["instruction"],
-            row["label"],
-        )
-
-
 def pack(items: list[Encoded], classes: np.ndarray) -> dict[str, np.ndarray]:
     """Flatten encoded samples into arrays + offsets (one safetensors shard)."""
     lengths = np.array([len(i.input_ids) for i in items], dtype=np.int64)
@@ -176,39 +375,98 @@ def pack(items: list[Encoded], classes: np.ndarray) -> dict[str, np.ndarray]:
 class Split:
     """One tokenized split loaded back: samples and their class indices."""
 
-    items: list[Encoded]
+    items: Sequence[Encoded]
     classes: np.ndarray
 
 
 def load_split(shards_dir: Path, index: dict[str, Any], split: str) -> Split:
-    """Load every shard of a split (views into the loaded arrays, no re-tokenization)."""
-    items: list[Encoded] = []
-    classes: list[np.ndarray] = []
-    for entry in index["splits"][split]["files"]:
-        arrays = load_file(str(shards_dir / entry["name"]))
-        items.extend(unpack(arrays))
-        classes.append(arrays["classes"])
-    return Split(items, np.concatenate(classes) if classes else np.zeros(0, dtype=np.int64))
+    """Open every shard of a split; samples are read from the mapped files when asked for."""
+    shards = [ShardSamples(shards_dir / entry["name"]) for entry in index["splits"][split]["files"]]
+    classes = [shard.arrays["classes"] for shard in shards]
+    return Split(
+        SplitSamples(shards), np.concatenate(classes) if classes else np.zeros(0, dtype=np.int64)
+    )
+
+
+# Everything in a shard but the pixels: a few numbers per sample, loaded whole.
+TOKEN_ARRAYS = (
+    "input_ids",
+    "mm_token_type_ids",
+    "token_offsets",
+    "prompt_len",
+    "answer_end",
+    "pixel_offsets",
+    "pixel_hw",
+    "grid_thw",
+    "classes",
+)
+
+
+class ShardSamples(Sequence[Encoded]):
+    """One shard's samples: token arrays in memory, each sample's pixels sliced from the file."""
+
+    def __init__(self, path: Path) -> None:
+        handle: Any = safe_open(str(path), framework="numpy")  # memory-maps the file
+        self.arrays: dict[str, np.ndarray] = {key: handle.get_tensor(key) for key in TOKEN_ARRAYS}
+        self.pixels = handle.get_slice("pixels")
+
+    def __len__(self) -> int:
+        return len(self.arrays["prompt_len"])
+
+    @overload
+    def __getitem__(self, key: int) -> Encoded: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> list[Encoded]: ...
+
+    def __getitem__(self, key: int | slice) -> Encoded | list[Encoded]:
+        if isinstance(key, slice):
+            return [self[n] for n in range(*key.indices(len(self)))]
+        return sample(self.arrays, self.pixels, range(len(self))[key])
+
+
+class SplitSamples(Sequence[Encoded]):
+    """The samples of several shards as one sequence, in shard order."""
+
+    def __init__(self, shards: list[ShardSamples]) -> None:
+        self.shards = shards
+        self.starts = list(itertools.accumulate((len(shard) for shard in shards), initial=0))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    @overload
+    def __getitem__(self, key: int) -> Encoded: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> list[Encoded]: ...
+
+    def __getitem__(self, key: int | slice) -> Encoded | list[Encoded]:
+        if isinstance(key, slice):
+            return [self[n] for n in range(*key.indices(len(self)))]
+        n = range(len(self))[key]
+        shard = bisect.bisect_right(self.starts, n) - 1
+        return self.shards[shard][n - self.starts[shard]]
 
 
 def unpack(arrays: dict[str, np.ndarray]) -> list[Encoded]:
     """Inverse of `pack`."""
+    return [sample(arrays, arrays["pixels"], n) for n in range(len(arrays["prompt_len"]))]
+
+
+def sample(arrays: dict[str, np.ndarray], pixels: Any, n: int) -> Encoded:
+    """Sample `n` of a shard's arrays; `pixels` is the flat pixel array or a lazy slice of it."""
     tok, pix = arrays["token_offsets"], arrays["pixel_offsets"]
-    out = []
-    for n in range(len(arrays["prompt_len"])):
-        height, width = (int(v) for v in arrays["pixel_hw"][n])
-        t, h, w = (int(v) for v in arrays["grid_thw"][n])
-        out.append(
-            Encoded(
-                input_ids=arrays["input_ids"][tok[n] : tok[n + 1]],
-                mm_token_type_ids=arrays["mm_token_type_ids"][tok[n] : tok[n + 1]],
-                prompt_len=int(arrays["prompt_len"][n]),
-                answer_end=int(arrays["answer_end"][n]),
-                pixels=arrays["pixels"][pix[n] : pix[n + 1]].reshape(height, width, 3),
-                grid_thw=(t, h, w),
-            )
-        )
-    return out
+    height, width = (int(v) for v in arrays["pixel_hw"][n])
+    t, h, w = (int(v) for v in arrays["grid_thw"][n])
+    return Encoded(
+        input_ids=arrays["input_ids"][tok[n] : tok[n + 1]],
+        mm_token_type_ids=arrays["mm_token_type_ids"][tok[n] : tok[n + 1]],
+        prompt_len=int(arrays["prompt_len"][n]),
+        answer_end=int(arrays["answer_end"][n]),
+        pixels=pixels[int(pix[n]) : int(pix[n + 1])].reshape(height, width, 3),
+        grid_thw=(t, h, w),
+    )
 
 
 def _result(spec: StageSpec, index: dict[str, Any], seconds: float) -> StageResult:
