@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2.functional import InterpolationMode, resize
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from modal_jobs.config import ImageBounds
@@ -49,13 +50,20 @@ def fitted_size(height: int, width: int, bounds: ImageBounds, factor: int) -> tu
     return int(fitted[0]), int(fitted[1])
 
 
-def resize_screen(image: Image.Image, bounds: ImageBounds, factor: int) -> Image.Image:
-    """Resize a screenshot into the pixel bounds, each side a multiple of `factor` (RGB)."""
-    height, width = fitted_size(image.height, image.width, bounds, factor)
-    rgb = image.convert("RGB")
-    if (height, width) == (rgb.height, rgb.width):
+def resize_screen(image: Image.Image, bounds: ImageBounds, factor: int) -> np.ndarray:
+    """A screenshot resized into the pixel bounds, each side a multiple of `factor`: RGB uint8.
+
+    Bicubic with antialiasing in torchvision's uint8 kernels, as transformers' fast image
+    processors resize: within 2 levels of PIL's bicubic (mean difference ~0.001) and ~5× faster,
+    which matters because resizing was the largest per-sample cost of tokenization.
+    """
+    rgb = np.array(image.convert("RGB"), dtype=np.uint8)  # writable, as torch wants
+    height, width = fitted_size(rgb.shape[0], rgb.shape[1], bounds, factor)
+    if (height, width) == rgb.shape[:2]:
         return rgb
-    return rgb.resize((width, height), Image.Resampling.BICUBIC)
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    sized = resize(chw, [height, width], InterpolationMode.BICUBIC, antialias=True)
+    return sized.permute(1, 2, 0).contiguous().numpy()
 
 
 def conversation(system: str | None, instruction: str, answer: str | None) -> list[dict[str, Any]]:
@@ -88,7 +96,7 @@ def encode(
     sized = resize_screen(image, bounds, factor)
     # The image processor fits its input into the bounds again; for all but extremely elongated
     # screenshots that keeps the size, and `collate` repeats the step exactly where it does not.
-    grid = image_grid(processor, *fitted_size(sized.height, sized.width, bounds, factor))
+    grid = image_grid(processor, *fitted_size(sized.shape[0], sized.shape[1], bounds, factor))
     texts = [chat_text(processor, grid, system, instruction, None)]
     if answer is not None:
         texts.append(chat_text(processor, grid, system, instruction, answer))
@@ -103,7 +111,7 @@ def encode(
         mm_token_type_ids=np.array(types, dtype=np.uint8),
         prompt_len=prompt_len,
         answer_end=answer_end,
-        pixels=np.asarray(sized, dtype=np.uint8),
+        pixels=sized,
         grid_thw=grid,
     )
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
+import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -49,12 +50,15 @@ SHARD_SIZE = 512
 # Rows one local process encodes at a time: small enough to share a shard between processes.
 PIECE_SIZE = 32
 WORKERS_ENV = "MOLE_PREPROCESS_WORKERS"
-# More processes than this mostly add start-up time and memory (each loads torch + processor).
+# More processes than this mostly add memory and contention for the disk.
 MAX_DEFAULT_WORKERS = 8
-# About what a helper takes to start (spawn, import torch and transformers, load the processor)
-# on a busy small machine. Helpers start only with more than twice that much work ahead: below,
-# their start-up (which competes for the same CPUs) costs about what they would save.
-HELPER_START_SECONDS = 8.0
+# About what a helper takes to start. On Linux helpers are forked from this process, which has
+# torch, transformers and the processor loaded already (well under a second); where only spawn
+# exists, each one imports them and loads the processor again (seconds on a busy small machine).
+# Helpers start only with more than twice that much work ahead: below, their start-up (which
+# competes for the same CPUs) costs about what they would save.
+FORK = "fork" in multiprocessing.get_all_start_methods()
+HELPER_START_SECONDS = 0.5 if FORK else 8.0
 
 
 @dataclass(frozen=True)
@@ -223,18 +227,18 @@ def share_pieces(
     helpers: int,
     collect: Callable[[int, list[Encoded]], None],
 ) -> int:
-    """Encode every piece, here and in up to `helpers` spawned processes; `collect(index, items)`.
+    """Encode every piece, here and in up to `helpers` helper processes; `collect(index, items)`.
 
-    Helpers cost seconds to start (each imports torch and loads the processor), so they start
-    only once this process has timed a piece and sees more than twice `HELPER_START_SECONDS` of
-    work left, and it keeps encoding while they start. Returns how many pieces helpers encoded.
+    Helpers cost time to start (`HELPER_START_SECONDS`), so they start only once this process
+    has timed a piece and sees more than twice that much work left, and it keeps encoding while
+    they start. Returns how many pieces helpers encoded.
     """
     todo = deque(enumerate(pieces))
     began, done = time.perf_counter(), 0
     while todo:
         pace = (time.perf_counter() - began) / max(done, 1)
         if helpers > 0 and done > 0 and pace * len(todo) > 2 * HELPER_START_SECONDS:
-            with Helpers(encoder, base, helpers) as pool:
+            with Helpers(encoder, base, processor, helpers) as pool:
                 return pool.share(todo, encoder, processor, collect)
         index, rows = todo.popleft()
         collect(index, encoder.encode(processor, rows))
@@ -243,14 +247,18 @@ def share_pieces(
 
 
 class Helpers:
-    """Spawned processes that encode pieces of rows, each with its own processor."""
+    """Helper processes (forked where possible) that encode pieces of rows."""
 
-    def __init__(self, encoder: Encoder, base: str, count: int) -> None:
+    def __init__(self, encoder: Encoder, base: str, processor: Any, count: int) -> None:
+        # Fork: the helper inherits the loaded processor. The parent holds no lock a helper needs
+        # (helpers only decode, resize on one torch thread and tokenize), and tokenizers turns its
+        # own thread pool off in a forked child (said quietly: the variable is set beforehand).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.pool = ProcessPoolExecutor(
             count,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=multiprocessing.get_context("fork" if FORK else "spawn"),
             initializer=_start_helper,
-            initargs=(encoder, base, os.getpid()),
+            initargs=(encoder, processor if FORK else base, os.getpid()),
         )
         # One no-op per helper: each one done means a helper has started.
         self.started = [self.pool.submit(_helper_ready) for _ in range(count)]
@@ -292,9 +300,12 @@ class Helpers:
 _HELPER: dict[str, Any] = {}
 
 
-def _start_helper(encoder: Encoder, base: str, parent: int) -> None:
+def _start_helper(encoder: Encoder, processor_or_base: Any, parent: int) -> None:
+    # One torch thread: the resize is small, and a forked child must not use the parent's pool.
+    torch.set_num_threads(1)
     _HELPER["encoder"] = encoder
-    _HELPER["processor"] = load_processor(base)
+    loaded = not isinstance(processor_or_base, str)
+    _HELPER["processor"] = processor_or_base if loaded else load_processor(processor_or_base)
     # A killed stage process cannot stop its helpers: they notice being orphaned and exit.
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 

@@ -54,9 +54,14 @@ ODD_SCREENS = [
 
 
 def assert_same(fast: Encoded, reference: Encoded) -> None:
-    for field in ("input_ids", "mm_token_type_ids", "pixels"):
+    for field in ("input_ids", "mm_token_type_ids"):
         ours, theirs = getattr(fast, field), getattr(reference, field)
         assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), field
+    # Pixels: torchvision's uint8 bicubic (ours) vs PIL's (the reference) differ by rounding only.
+    assert fast.pixels.dtype == reference.pixels.dtype == np.uint8
+    assert fast.pixels.shape == reference.pixels.shape
+    difference = np.abs(fast.pixels.astype(np.int16) - reference.pixels.astype(np.int16))
+    assert difference.max() <= 2 and difference.mean() < 0.05
     assert (fast.prompt_len, fast.answer_end, fast.grid_thw) == (
         reference.prompt_len,
         reference.answer_end,
