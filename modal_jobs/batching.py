@@ -63,7 +63,8 @@ def resize_screen(image: Image.Image, bounds: ImageBounds, factor: int) -> np.nd
         return rgb
     chw = torch.from_numpy(rgb).permute(2, 0, 1)
     sized = resize(chw, [height, width], InterpolationMode.BICUBIC, antialias=True)
-    return sized.permute(1, 2, 0).contiguous().numpy()
+    out: np.ndarray = sized.permute(1, 2, 0).contiguous().numpy()
+    return out
 
 
 def conversation(system: str | None, instruction: str, answer: str | None) -> list[dict[str, Any]]:
