@@ -1,0 +1,171 @@
+"""The training loop's throughput pieces, each checked against the plain way it replaces:
+length-grouped batches, the answer-only vocabulary projection, gradient checkpointing and the
+prefetching loader."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from modal_jobs import demo_data
+from modal_jobs.batching import Encoded, answer_loss, collate, encode
+from modal_jobs.config import ImageBounds, load_config
+from modal_jobs.distributed import Ranks
+from modal_jobs.loader import LengthGrouped, prefetched
+from modal_jobs.loss import AnswerLoss, causal_lm
+from modal_jobs.model import Runtime, load_base, load_processor, lora_config
+
+from .conftest import REPO
+
+BOUNDS = ImageBounds(min_pixels=4096, max_pixels=40960)
+
+
+def test_length_grouped_plan_is_a_function_of_seed_and_step() -> None:
+    lengths = [random.Random(n).randint(40, 400) for n in range(100)]
+    plan = LengthGrouped(lengths, 8, seed=3)
+    steps = [plan.at(step) for step in range(40)]
+    resumed = LengthGrouped(lengths, 8, seed=3)  # a fresh process resuming at step 30
+    assert [resumed.at(step) for step in range(30, 40)] == steps[30:]
+    assert LengthGrouped(lengths, 8, seed=4).at(0) != steps[0]
+    for epoch in range(3):  # an epoch: 12 full batches of distinct samples
+        seen = [i for batch in steps[12 * epoch : 12 * epoch + 12] for i in batch]
+        assert len(seen) == len(set(seen)) == 96
+    assert all(len(batch) == 8 for batch in steps)
+
+
+def test_length_grouped_batches_pad_far_less_than_random_ones() -> None:
+    lengths = [random.Random(n).randint(40, 400) for n in range(512)]
+
+    def padding(batches: list[list[int]]) -> float:
+        real = sum(lengths[i] for batch in batches for i in batch)
+        padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+        return 1 - real / padded
+
+    grouped = LengthGrouped(lengths, 16, seed=0).epoch(0)
+    shuffled = random.Random(0).sample(range(512), 512)
+    plain = [shuffled[i : i + 16] for i in range(0, 512, 16)]
+    assert padding(grouped) < 0.05 < 0.3 < padding(plain)
+
+
+def test_small_split_trains_on_all_of_it_every_step() -> None:
+    plan = LengthGrouped([5, 9, 7], 16, seed=0)
+    assert sorted(plan.at(0)) == sorted(plan.at(7)) == [0, 1, 2]
+
+
+def test_ranks_share_a_global_batch_without_overlap() -> None:
+    batch = list(range(11))
+    shares = [Ranks(rank, rank, 3).share(batch) for rank in range(3)]
+    assert [i for share in shares for i in share] == batch
+    assert sorted(len(share) for share in shares) == [3, 4, 4]
+
+
+def test_prefetched_makes_batches_ahead_in_step_order() -> None:
+    made: list[int] = []
+
+    def make(step: int) -> int:
+        made.append(step)
+        return step * step
+
+    threads = torch.get_num_threads()
+    with prefetched(make, range(3, 9)) as stream:
+        first = next(stream)
+        deadline = time.monotonic() + 5
+        while len(made) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the thread runs ahead while "the step" runs
+        assert len(made) >= 3
+        assert [first, *stream] == [(s, s * s) for s in range(3, 9)]
+    assert made == list(range(3, 9))
+    assert torch.get_num_threads() == threads  # the thread's own setting stays its own
+
+
+def test_prefetched_raises_at_the_failing_step_and_stops_its_thread() -> None:
+    def make(step: int) -> int:
+        if step == 2:
+            raise ValueError("bad sample")
+        return step
+
+    seen = []
+    with pytest.raises(ValueError, match="bad sample"), prefetched(make, range(5)) as stream:
+        seen.extend(step for step, _ in stream)
+    assert seen == [0, 1]
+    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_base: str) -> dict[str, torch.Tensor]:
+    """Six demo screens of mixed sizes, tokenized and collated like training does."""
+    processor = load_processor(tiny_base)
+    rng = random.Random(11)
+    items: list[Encoded] = []
+    for expert in demo_data.EXPERTS[:6]:
+        sample = demo_data.render_sample(expert, rng)
+        items.append(
+            encode(processor, sample.image, BOUNDS, "Route it.", sample.instruction, expert)
+        )
+    return collate(processor, items, BOUNDS)
+
+
+def router(tiny_base: str) -> Any:
+    """The tiny base with a router LoRA whose B matrices are non-zero (so LoRA changes outputs)."""
+    torch.manual_seed(0)
+    config = load_config(REPO / "config")
+    model = get_peft_model(load_base(tiny_base, Runtime.detect()), lora_config(config.preset.lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.train()
+    return model
+
+
+def lora_grads(model: Any) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_answer_only_head_equals_the_full_logits_loss(
+    tiny_base: str, batch: dict[str, torch.Tensor]
+) -> None:
+    model = router(tiny_base)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    reference = answer_loss(model(**inputs).logits, batch["labels"])
+    reference.backward()
+    expected = lora_grads(model)
+
+    total, count = AnswerLoss(model)(batch)
+    (total / count).backward()
+    got = lora_grads(model)
+
+    assert int(count) == int((batch["labels"][:, 1:] != -100).sum()) > 0
+    torch.testing.assert_close(total / count, reference, rtol=1e-5, atol=1e-6)
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(
+    tiny_base: str, batch: dict[str, torch.Tensor]
+) -> None:
+    model = router(tiny_base)
+    total, count = AnswerLoss(model)(batch)
+    (total / count).backward()
+    expected = lora_grads(model)
+
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert all(
+        layer.gradient_checkpointing for layer in causal_lm(model).model.language_model.layers
+    )
+    total, count = AnswerLoss(model)(batch)
+    (total / count).backward()
+    got = lora_grads(model)
+
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
