@@ -34,7 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 from modal_jobs import plots
 from modal_jobs.atomic import atomic_dir, write_json
 from modal_jobs.batching import collate
-from modal_jobs.config import ImageBounds
+from modal_jobs.config import ConfigError, ImageBounds
 from modal_jobs.distributed import Ranks, agree, all_sum, barrier, data_parallel, process_group
 from modal_jobs.hashing import file_sha256
 from modal_jobs.loader import LengthGrouped, prefetched
@@ -124,9 +124,7 @@ def run(spec: TrainSpec, on_resume_point: ResumePointHook = None) -> StageResult
         # data
         index = read_index(spec.layout.shards)
         train = training_split(spec, index)
-        order = LengthGrouped(
-            [len(item.input_ids) for item in train.items], hyper.batch_size, spec.seed
-        )
+        order = batch_plan(train, hyper, spec.seed, ranks)
 
         # model
         processor = load_processor(index["base"])
@@ -182,6 +180,17 @@ def training_split(spec: TrainSpec, index: dict[str, Any]) -> Split:
         return train
     keep = sorted(np.random.default_rng(spec.seed).permutation(len(train.items))[:TEST_SAMPLES])
     return Split([train.items[i] for i in keep], train.classes[keep])
+
+
+def batch_plan(train: Split, hyper: Hyper, seed: int, ranks: Ranks) -> LengthGrouped:
+    """Every step's global batch; each of the `ranks.world` processes needs a sample of it."""
+    order = LengthGrouped([len(item.input_ids) for item in train.items], hyper.batch_size, seed)
+    if order.batch_size < ranks.world:
+        raise ConfigError(
+            f"batch size {order.batch_size} is smaller than the {ranks.world} training "
+            f"processes; fix: set batch_size to at least {ranks.world} or run fewer processes"
+        )
+    return order
 
 
 def gradient_checkpointing(spec: TrainSpec, runtime: Runtime) -> bool:

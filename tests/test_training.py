@@ -9,17 +9,20 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from peft import get_peft_model
 
 from modal_jobs import demo_data
 from modal_jobs.batching import Encoded, answer_loss, collate, encode
-from modal_jobs.config import ImageBounds, load_config
+from modal_jobs.config import ConfigError, ImageBounds, load_config
 from modal_jobs.distributed import Ranks
 from modal_jobs.loader import LengthGrouped, prefetched
 from modal_jobs.loss import AnswerLoss, causal_lm
 from modal_jobs.model import Runtime, load_base, load_processor, lora_config
+from modal_jobs.shards import Split
+from modal_jobs.train import Hyper, batch_plan
 
 from .conftest import REPO
 
@@ -95,6 +98,17 @@ def test_prefetched_raises_at_the_failing_step_and_stops_its_thread() -> None:
         seen.extend(step for step, _ in stream)
     assert seen == [0, 1]
     assert not any(t.name == "batch-prefetch" for t in threading.enumerate())
+
+
+def test_a_global_batch_smaller_than_the_process_count_is_refused() -> None:
+    sample = Encoded(
+        np.zeros(9, np.int32), np.zeros(9, np.uint8), 5, 7, np.zeros((32, 32, 3)), (1, 2, 2)
+    )
+    split = Split([sample] * 10, np.zeros(10, dtype=np.int64))
+    hyper = Hyper(steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=0)
+    assert batch_plan(split, hyper, 0, Ranks(1, 1, 2)).batch_size == 2
+    with pytest.raises(ConfigError, match="batch size 2 is smaller than the 4 training processes"):
+        batch_plan(split, hyper, 0, Ranks(0, 0, 4))
 
 
 @pytest.fixture(scope="module")
