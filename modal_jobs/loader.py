@@ -10,10 +10,7 @@ the longest samples to the shortest within a window.
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import random
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -24,7 +21,7 @@ T = TypeVar("T")
 # Batches per sorting window: a wider window groups lengths more tightly, a narrower one keeps
 # the batches' composition more random (Hugging Face's LengthGroupedSampler sorts 50 at a time).
 GROUP_WINDOW = 32
-# Batches collated ahead of the step that needs them.
+# Batches each loader worker collates ahead of the step that needs them.
 PREFETCH_DEPTH = 2
 
 
@@ -68,53 +65,50 @@ class LengthGrouped:
         return batches
 
 
-@contextlib.contextmanager
-def prefetched(
-    make: Callable[[int], T], steps: range, depth: int = PREFETCH_DEPTH
-) -> Iterator[Iterator[tuple[int, T]]]:
-    """Yield `(step, make(step))` in step order, each made on a background thread ahead of use.
+class _StepBatches(torch.utils.data.Dataset[T]):
+    """Item `i` is `make(steps[i])`: a DataLoader over steps, in step order."""
 
-    A thread rather than DataLoader worker processes: collating is NumPy/torch work that
-    releases the GIL, and a thread shares the loaded shards and the processor without pickling
-    or forking them. An exception raised by `make` surfaces at the step it was making.
+    def __init__(self, make: Callable[[int], T], steps: range) -> None:
+        self.make = make
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index: int) -> T:
+        return self.make(self.steps[index])
+
+
+def step_batches(
+    make: Callable[[int], T], steps: range, workers: int, pin_memory: bool = False
+) -> Iterator[tuple[int, T]]:
+    """`(step, make(step))` in step order: made inline, or ahead of use by `workers` processes.
+
+    Worker processes (forked, so the loaded shards and the processor are shared, not pickled)
+    collate the next batches while the current step runs, without taking the GIL from the
+    training loop; the DataLoader hands results back in index order, so the order stays
+    deterministic whatever the worker count. An exception raised by `make` surfaces here.
     """
-    ready: queue.Queue[tuple[int, T] | BaseException] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        # One intra-op thread here (this setting is per thread), as DataLoader workers do: the
-        # training step's ops already use every core, and a second pool would oversubscribe them.
-        torch.set_num_threads(1)
-        for step in steps:
-            try:
-                item: tuple[int, T] | BaseException = (step, make(step))
-            except BaseException as exc:  # handed to the consumer, re-raised there
-                item = exc
-            if not _put_unless_stopped(ready, item, stop) or isinstance(item, BaseException):
-                return
-
-    def consume() -> Iterator[tuple[int, T]]:
-        for _ in steps:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
-    thread.start()
-    try:
-        yield consume()
-    finally:
-        stop.set()
-        thread.join()
+    if workers == 0:
+        yield from ((step, make(step)) for step in steps)
+        return
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(make, steps),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=PREFETCH_DEPTH,
+        pin_memory=pin_memory,
+        multiprocessing_context="fork",
+    )
+    yield from zip(steps, loader, strict=True)
 
 
-def _put_unless_stopped(ready: queue.Queue[T], item: T, stop: threading.Event) -> bool:
-    """Put `item` once there is room; False if the consumer went away first."""
-    while not stop.is_set():
-        try:
-            ready.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
+def loader_workers(device: torch.device) -> int:
+    """Collating processes when training on `device`: two for a GPU, none on CPU.
+
+    On a GPU the CPU idles while kernels run, so the next batches are collated meanwhile. On CPU
+    the training step already keeps every core busy (torch runs one thread per core), so
+    collating alongside only competes with it: measured on 2 cores (tiny preset, batch 16), a
+    ~45 ms step took 10-20 ms longer with a collating thread (GIL hand-offs) or two workers.
+    """
+    return 2 if device.type == "cuda" else 0

@@ -6,10 +6,10 @@ Reads top to bottom: spec → data → model → optimizer → loop → checkpoi
 The published output is `adapter_config.json` + `adapter_model.safetensors`, loadable with
 vanilla `peft.PeftModel.from_pretrained` onto the saved base.
 
-Throughput: batches are length-grouped (`modal_jobs/loader.py`) and collated on a background
-thread, the vocabulary projection runs only at answer positions (`modal_jobs/loss.py`), bf16 and
-flash-attention on GPU (`Runtime`), gradient checkpointing on GPU, and `torchrun` runs it data-
-parallel (`modal_jobs/distributed.py`) with the same result as one process.
+Throughput: batches are length-grouped (`modal_jobs/loader.py`) and, on a GPU, collated ahead
+by loader workers; the vocabulary projection runs only at answer positions (`modal_jobs/loss.py`);
+bf16 and flash-attention (`Runtime`) and gradient checkpointing on GPU; and `torchrun` runs it
+data-parallel (`modal_jobs/distributed.py`) with the same result as one process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +37,7 @@ from modal_jobs.batching import collate
 from modal_jobs.config import ConfigError, ImageBounds
 from modal_jobs.distributed import Ranks, agree, all_sum, barrier, data_parallel, process_group
 from modal_jobs.hashing import file_sha256
-from modal_jobs.loader import LengthGrouped, prefetched
+from modal_jobs.loader import LengthGrouped, loader_workers, step_batches
 from modal_jobs.loss import AnswerLoss
 from modal_jobs.model import Runtime, load_base, load_processor, lora_config
 from modal_jobs.optim import adamw, optimizer_step
@@ -231,12 +231,14 @@ class Batches:
     device: torch.device
 
     def at(self, step: int) -> dict[str, torch.Tensor]:
-        """This rank's share of `step`'s batch, collated on the CPU (pinned, for a GPU)."""
+        """This rank's share of `step`'s batch, collated on the CPU."""
         items = [self.split.items[i] for i in self.order.at(step)]
-        batch = collate(self.processor, self.ranks.share(items), self.bounds)
-        if self.device.type == "cuda":
-            batch = {key: value.pin_memory() for key, value in batch.items()}
-        return batch
+        return collate(self.processor, self.ranks.share(items), self.bounds)
+
+    def stream(self, steps: range) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """`(step, batch)` for `steps` in order, on the CPU (pinned and collated ahead on a GPU)."""
+        cuda = self.device.type == "cuda"
+        return step_batches(self.at, steps, loader_workers(self.device), pin_memory=cuda)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`batch` on the training device (asynchronously from pinned memory)."""
@@ -272,7 +274,7 @@ def train_loop(
 ) -> LoopStats:
     """Optimise from `start` to `hyper.steps`; rank 0 logs to TensorBoard and saves resume points.
 
-    Batches are collated on a background thread while the current step runs.
+    On a GPU, loader worker processes collate the next batches while the current step runs.
     """
     optimizer, scheduler = schedule
     ranks = batches.ranks
@@ -281,20 +283,19 @@ def train_loop(
     stats = LoopStats()
     began = time.perf_counter()
     model.train()
-    with prefetched(batches.at, range(start, hyper.steps)) as stream:
-        for step, batch in stream:
-            loss, tokens, positions = train_step(loss_fn, batches.to_device(batch), ranks, schedule)
-            done = step + 1
-            stats.curve.append((done, loss))
-            stats.tokens += tokens
-            stats.positions += positions
-            if writer is not None:
-                writer.add_scalar("train/loss", loss, done)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
-            if ranks.main and (done % spec.log_every == 0 or done == hyper.steps):
-                log.info("step %d/%d loss %.4f", done, hyper.steps, loss)
-            if ranks.main and done % spec.checkpoint_every == 0 and done < hyper.steps:
-                save_resume_point(spec, done, model, schedule, on_resume_point)
+    for step, batch in batches.stream(range(start, hyper.steps)):
+        loss, tokens, positions = train_step(loss_fn, batches.to_device(batch), ranks, schedule)
+        done = step + 1
+        stats.curve.append((done, loss))
+        stats.tokens += tokens
+        stats.positions += positions
+        if writer is not None:
+            writer.add_scalar("train/loss", loss, done)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+        if ranks.main and (done % spec.log_every == 0 or done == hyper.steps):
+            log.info("step %d/%d loss %.4f", done, hyper.steps, loss)
+        if ranks.main and done % spec.checkpoint_every == 0 and done < hyper.steps:
+            save_resume_point(spec, done, model, schedule, on_resume_point)
     if writer is not None:
         writer.close()
     stats.seconds = time.perf_counter() - began

@@ -1,12 +1,10 @@
 """The training loop's throughput pieces, each checked against the plain way it replaces:
-length-grouped batches, the answer-only vocabulary projection, gradient checkpointing and the
-prefetching loader."""
+length-grouped batches, the batch loader, the answer-only vocabulary projection and gradient
+checkpointing."""
 
 from __future__ import annotations
 
 import random
-import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -18,7 +16,7 @@ from modal_jobs import demo_data
 from modal_jobs.batching import Encoded, answer_loss, collate, encode
 from modal_jobs.config import ConfigError, ImageBounds, load_config
 from modal_jobs.distributed import Ranks
-from modal_jobs.loader import LengthGrouped, prefetched
+from modal_jobs.loader import LengthGrouped, loader_workers, step_batches
 from modal_jobs.loss import AnswerLoss, causal_lm
 from modal_jobs.model import Runtime, load_base, load_processor, lora_config
 from modal_jobs.shards import Split
@@ -68,36 +66,33 @@ def test_ranks_share_a_global_batch_without_overlap() -> None:
     assert sorted(len(share) for share in shares) == [3, 4, 4]
 
 
-def test_prefetched_makes_batches_ahead_in_step_order() -> None:
-    made: list[int] = []
-
-    def make(step: int) -> int:
-        made.append(step)
-        return step * step
-
-    threads = torch.get_num_threads()
-    with prefetched(make, range(3, 9)) as stream:
-        first = next(stream)
-        deadline = time.monotonic() + 5
-        while len(made) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)  # the thread runs ahead while "the step" runs
-        assert len(made) >= 3
-        assert [first, *stream] == [(s, s * s) for s in range(3, 9)]
-    assert made == list(range(3, 9))
-    assert torch.get_num_threads() == threads  # the thread's own setting stays its own
+def square(step: int) -> int:
+    return step * step
 
 
-def test_prefetched_raises_at_the_failing_step_and_stops_its_thread() -> None:
-    def make(step: int) -> int:
-        if step == 2:
-            raise ValueError("bad sample")
-        return step
+def fail_at_2(step: int) -> int:
+    if step == 2:
+        raise ValueError("bad sample")
+    return step
 
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_step_batches_come_in_step_order(workers: int) -> None:
+    made = step_batches(square, range(3, 12), workers)
+    assert list(made) == [(s, s * s) for s in range(3, 12)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_step_batches_raise_what_collating_raised(workers: int) -> None:
     seen = []
-    with pytest.raises(ValueError, match="bad sample"), prefetched(make, range(5)) as stream:
-        seen.extend(step for step, _ in stream)
+    with pytest.raises(ValueError, match="bad sample"):
+        seen.extend(step for step, _ in step_batches(fail_at_2, range(5), workers))
     assert seen == [0, 1]
-    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())
+
+
+def test_loader_workers_only_for_a_gpu() -> None:
+    assert loader_workers(torch.device("cpu")) == 0
+    assert loader_workers(torch.device("cuda", 0)) == 2
 
 
 def test_a_global_batch_smaller_than_the_process_count_is_refused() -> None:
