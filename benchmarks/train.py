@@ -5,7 +5,8 @@ a fresh router LoRA (same seed, same `lora_config`) on the tiny base from the ru
 (mixed-size screenshots), with the same batch size, steps, learning rate, warm-up + cosine
 schedule, AdamW betas and gradient clipping, on the same device and dtype:
 - ours: `modal_jobs.train.run` itself, on a copy of the shards in a scratch volume (length-grouped
-  batches, the vocabulary projection at answer positions only, collation on a background thread);
+  batches, the vocabulary projection at answer positions only; on a GPU, collation ahead by
+  loader workers);
 - trainer: what a user writes: a torch Dataset of per-sample processor outputs (the image
   processor runs in `__getitem__`), a collator that right-pads `input_ids` / `attention_mask` /
   `mm_token_type_ids` / `labels` (-100 outside the answer) and concatenates `pixel_values` /
