@@ -37,6 +37,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/route.py
 	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/train.py
 
 ui: setup
 	$(PY) -m mole_assets.instance

@@ -8,9 +8,11 @@ This module imports nothing from `modal`, so planning and cost reporting work wi
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from modal_jobs.config import ConfigError
 from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, MODAL_MOUNT_ROOT
 from modal_jobs.stage import MetadataValue, number, text
 
@@ -18,6 +20,9 @@ from modal_jobs.stage import MetadataValue, number, text
 # Read at import, like Modal reads its decorators: set it before `modal run` / `mole materialize`.
 GPU_ENV = "MOLE_MODAL_GPU"
 DEFAULT_GPU = "H100"
+# `MOLE_TRAIN_PROCS`: training processes on the local backend (default 1). Above 1 the stage runs
+# under `torchrun`, one process per GPU (NCCL) or, without CUDA, gloo processes on the CPU.
+TRAIN_PROCS_ENV = "MOLE_TRAIN_PROCS"
 # The Modal Secret holding `HF_TOKEN` (create it with `modal secret create huggingface HF_TOKEN=…`).
 HF_SECRET = "huggingface"
 APP_NAME = "mole"
@@ -68,6 +73,28 @@ class Gpu:
 def training_gpu() -> Gpu:
     """The training GPU from `MOLE_MODAL_GPU` (default H100)."""
     return Gpu.parse(os.environ.get(GPU_ENV, DEFAULT_GPU))
+
+
+def train_procs() -> int:
+    """Local training processes from `MOLE_TRAIN_PROCS` (default 1)."""
+    value = os.environ.get(TRAIN_PROCS_ENV, "1").strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(
+            f"{TRAIN_PROCS_ENV}={value!r} is not a process count; fix: set a whole number >= 1"
+        )
+    return int(value)
+
+
+def stage_command(module: str, procs: int = 1) -> list[str]:
+    """The command running `modal_jobs.<module>`: plain Python, or `torchrun` for `procs` > 1.
+
+    `--standalone` lets torchrun pick a free rendezvous port, so concurrent jobs on one machine
+    do not collide on the default one.
+    """
+    if procs == 1:
+        return [sys.executable, "-m", f"modal_jobs.{module}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*torchrun, f"--nproc_per_node={procs}", "-m", f"modal_jobs.{module}"]
 
 
 @dataclass(frozen=True)

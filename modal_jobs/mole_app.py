@@ -247,7 +247,7 @@ def _torchrun(spec: dict[str, Any], count: int) -> dict[str, Any]:
     committer.start()
     try:
         subprocess.run(
-            ["torchrun", f"--nproc_per_node={count}", "-m", "modal_jobs.train"]
+            compute.stage_command("train", count)
             + ["--spec", str(spec_file), "--result", str(result_file)],
             check=True,
         )

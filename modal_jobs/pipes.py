@@ -2,7 +2,9 @@
 
 Under Pipes the spec arrives in the Pipes extras, logs stream to Dagster and the `StageResult`
 becomes the materialization (metadata, data version) and asset-check results. Without Dagster,
-`--spec spec.json` runs the same function and prints the result as JSON.
+`--spec spec.json` runs the same function and prints the result as JSON. Under `torchrun` every
+rank runs the stage, and only rank 0 opens Pipes or prints: one writer of the message channel,
+one materialization.
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
+from dagster_pipes import (
+    PipesContext,
+    PipesDefaultContextLoader,
+    PipesEnvVarParamsLoader,
+    open_dagster_pipes,
+)
 
 from modal_jobs.compute import Gpu, cost_metadata
 from modal_jobs.errors import MoleError
@@ -63,10 +71,12 @@ def main(
     """Entry point of every stage module."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        if PipesEnvVarParamsLoader().is_dagster_pipes_process():  # type: ignore[no-untyped-call]
+        if not PipesEnvVarParamsLoader().is_dagster_pipes_process():  # type: ignore[no-untyped-call]
+            _run_by_hand(run, spec_type, argv)
+        elif process_rank() == 0:
             _run_under_pipes(run, spec_type)
         else:
-            _run_by_hand(run, spec_type, argv)
+            _run_pipes_worker(run, spec_type)
     except MoleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from exc
@@ -92,6 +102,11 @@ def local_gpu() -> Gpu | None:
     return Gpu(torch.cuda.get_device_name(0), torch.cuda.device_count())
 
 
+def process_rank() -> int:
+    """This process's rank under `torchrun` (`RANK`); 0 when the stage runs alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _run_under_pipes(run: Callable[[S], StageResult], spec_type: type[S]) -> None:
     with open_dagster_pipes() as context:
         started = time.perf_counter()
@@ -107,6 +122,14 @@ def _run_under_pipes(run: Callable[[S], StageResult], spec_type: type[S]) -> Non
         report(context, result.with_metadata(cost_metadata("local", local_gpu(), seconds)))
 
 
+def _run_pipes_worker(run: Callable[[S], StageResult], spec_type: type[S]) -> None:
+    """A torchrun rank other than 0: read the spec from the Pipes context, run, report nothing."""
+    params = PipesEnvVarParamsLoader().load_context_params()  # type: ignore[no-untyped-call]
+    with PipesDefaultContextLoader().load_context(params) as context:
+        spec = spec_type.model_validate(context["extras"]["spec"])
+    run(spec)
+
+
 def _run_by_hand(
     run: Callable[[S], StageResult], spec_type: type[S], argv: list[str] | None
 ) -> None:
@@ -116,6 +139,8 @@ def _run_by_hand(
     args = parser.parse_args(argv)
     spec: Any = spec_type.model_validate(json.loads(args.spec.read_text()))
     result = json.dumps(run(spec).to_json(), indent=2, default=str)
+    if process_rank() != 0:
+        return
     print(result)
     if args.result:
         args.result.write_text(result)

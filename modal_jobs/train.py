@@ -5,17 +5,21 @@ Reads top to bottom: spec → data → model → optimizer → loop → checkpoi
 `train_state/step-N/` (atomically), and a restarted run continues from the newest complete one.
 The published output is `adapter_config.json` + `adapter_model.safetensors`, loadable with
 vanilla `peft.PeftModel.from_pretrained` onto the saved base.
+
+Throughput: batches are length-grouped (`modal_jobs/loader.py`) and, on a GPU, collated ahead
+by loader workers; the vocabulary projection runs only at answer positions (`modal_jobs/loss.py`);
+bf16 and flash-attention (`Runtime`) and gradient checkpointing on GPU; and `torchrun` runs it
+data-parallel (`modal_jobs/distributed.py`) with the same result as one process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +33,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from modal_jobs import plots
 from modal_jobs.atomic import atomic_dir, write_json
-from modal_jobs.batching import answer_loss, collate
-from modal_jobs.config import ImageBounds
+from modal_jobs.batching import collate
+from modal_jobs.config import ConfigError, ImageBounds
+from modal_jobs.distributed import Ranks, agree, all_sum, barrier, data_parallel, process_group
 from modal_jobs.hashing import file_sha256
+from modal_jobs.loader import LengthGrouped, loader_workers, step_batches
+from modal_jobs.loss import AnswerLoss
 from modal_jobs.model import Runtime, load_base, load_processor, lora_config
 from modal_jobs.optim import adamw, optimizer_step
 from modal_jobs.shards import Split, load_split, read_index
@@ -65,6 +72,8 @@ class TrainSpec(StageSpec):
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
+    # None: on for CUDA, off on CPU (see `gradient_checkpointing`).
+    gradient_checkpointing: bool | None = None
 
     def total_steps(self) -> int:
         """Steps this run trains for, after the mode is applied."""
@@ -101,75 +110,157 @@ def hyper_parameters(spec: TrainSpec) -> Hyper:
 def run(spec: TrainSpec, on_resume_point: ResumePointHook = None) -> StageResult:
     """Train (or resume) the router adapter and publish it atomically.
 
+    Under `torchrun` every rank trains its share of each batch and rank 0 alone writes resume
+    points, TensorBoard events and the published adapter; every rank returns what was published.
     `on_resume_point(path)` runs after each resume point is complete (on Modal: commit the
     data volume, so a preempted container's retry finds it).
     """
     started = time.perf_counter()
     hyper = hyper_parameters(spec)
+    ranks = Ranks.from_env()
+    detected = Runtime.detect()
+    runtime = replace(detected, device=ranks.device(detected.device))
+    with process_group(ranks, runtime.device):
+        # data
+        index = read_index(spec.layout.shards)
+        train = training_split(spec, index)
+        order = batch_plan(train, hyper, spec.seed, ranks)
 
-    # data
-    index = read_index(spec.layout.shards)
-    train = load_split(spec.layout.shards, index, "train")
-    if spec.mode == "test":
-        keep = sorted(np.random.default_rng(spec.seed).permutation(len(train.items))[:TEST_SAMPLES])
-        train = Split([train.items[i] for i in keep], train.classes[keep])
+        # model
+        processor = load_processor(index["base"])
+        model = router_model(index["base"], spec, runtime)
 
-    # model
-    runtime = Runtime.detect()
-    processor = load_processor(index["base"])
-    torch.manual_seed(spec.seed)
-    model = get_peft_model(load_base(index["base"], runtime), lora_config(spec.config.preset.lora))
+        # optimizer (and the newest resume point, if a previous attempt left one)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scheduler = adamw(
+            trainable, hyper.learning_rate, hyper.warmup_steps, hyper.steps
+        )
+        start = agree(resume(spec.layout.resume, model, optimizer, scheduler), ranks, "resume step")
 
-    # optimizer (and the newest resume point, if a previous attempt left one)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = adamw(trainable, hyper.learning_rate, hyper.warmup_steps, hyper.steps)
-    start = resume(spec.layout.resume, model, optimizer, scheduler)
+        # loop
+        bounds = ImageBounds(**index["image_bounds"])
+        batches = Batches(processor, train, bounds, order, ranks, runtime.device)
+        loop = train_loop(
+            spec, hyper, model, batches, (optimizer, scheduler), start, on_resume_point
+        )
 
-    # loop
-    batches = Batches(processor, train, ImageBounds(**index["image_bounds"]), runtime.device)
-    loop = train_loop(spec, hyper, model, batches, (optimizer, scheduler), start, on_resume_point)
+        # checkpoint
+        if ranks.main:
+            summary = {
+                **describe(spec, index, hyper, start),
+                **loop.summary(),
+                "gradient_checkpointing": gradient_checkpointing(spec, runtime),
+                "processes": ranks.world,
+                "device": str(runtime.device),
+                "wall_seconds": time.perf_counter() - started,
+            }
+            publish(spec.layout.checkpoint, model, summary, loop.curve)
+            shutil.rmtree(spec.layout.resume, ignore_errors=True)
+        barrier(ranks)
+    published = json.loads((spec.layout.checkpoint / "training_summary.json").read_text())
+    return _result(spec, published, loop.curve)
 
-    # checkpoint
-    summary = {
+
+def describe(spec: TrainSpec, index: dict[str, Any], hyper: Hyper, start: int) -> dict[str, Any]:
+    """What the run trained: base, labels, data version, hyper-parameters, where it resumed."""
+    return {
         "base": index["base"],
         "labels": index["labels"],
         "resumed_from": start,
         **asdict(hyper),
         "mode": spec.mode,
         "shards_version": index["shards_version"],
-        "final_loss": loop.curve[-1][1] if loop.curve else None,
-        "tokens_per_second": loop.tokens / loop.seconds if loop.seconds > 0 else 0.0,
-        "wall_seconds": time.perf_counter() - started,
-        "device": str(runtime.device),
     }
-    publish(spec.layout.checkpoint, model, summary, loop.curve)
-    shutil.rmtree(spec.layout.resume, ignore_errors=True)
-    return _result(spec, summary, loop.curve)
+
+
+def training_split(spec: TrainSpec, index: dict[str, Any]) -> Split:
+    """The train split (in `test` mode, a seeded subset of `TEST_SAMPLES`)."""
+    train = load_split(spec.layout.shards, index, "train")
+    if spec.mode != "test":
+        return train
+    keep = sorted(np.random.default_rng(spec.seed).permutation(len(train.items))[:TEST_SAMPLES])
+    return Split([train.items[i] for i in keep], train.classes[keep])
+
+
+def batch_plan(train: Split, hyper: Hyper, seed: int, ranks: Ranks) -> LengthGrouped:
+    """Every step's global batch; each of the `ranks.world` processes needs a sample of it."""
+    order = LengthGrouped([len(item.input_ids) for item in train.items], hyper.batch_size, seed)
+    if order.batch_size < ranks.world:
+        raise ConfigError(
+            f"batch size {order.batch_size} is smaller than the {ranks.world} training "
+            f"processes; fix: set batch_size to at least {ranks.world} or run fewer processes"
+        )
+    return order
+
+
+def gradient_checkpointing(spec: TrainSpec, runtime: Runtime) -> bool:
+    """As configured; by default on for CUDA and off on CPU.
+
+    Checkpointing keeps only each decoder layer's inputs and recomputes the rest during the
+    backward pass: on a GPU, activation memory is what limits batch size and sequence length,
+    so the extra forward buys room; on CPU memory is plentiful and the recomputation only costs
+    time (about a third more per step).
+    """
+    if spec.gradient_checkpointing is not None:
+        return spec.gradient_checkpointing
+    return runtime.device.type == "cuda"
+
+
+def router_model(base: str, spec: TrainSpec, runtime: Runtime) -> PeftModel:
+    """The frozen base with a fresh (seeded) router LoRA, checkpointing as configured."""
+    torch.manual_seed(spec.seed)
+    model = get_peft_model(load_base(base, runtime), lora_config(spec.config.preset.lora))
+    if gradient_checkpointing(spec, runtime):
+        # Non-reentrant: the reentrant variant needs layer inputs that require grad (the frozen
+        # embeddings give none, so LoRA would get no gradient) and clashes with DDP's hooks.
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return model
 
 
 @dataclass(frozen=True)
 class Batches:
-    """Turns a step number into a collated batch on the device."""
+    """Turns a step number into this rank's share of the step's (length-grouped) batch."""
 
     processor: Any
     split: Split
     bounds: ImageBounds
+    order: LengthGrouped
+    ranks: Ranks
     device: torch.device
 
-    def at(self, step: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-        """The batch of `step` (deterministic, so a resumed run sees the same data)."""
-        picks = batch_indices(len(self.split.items), batch_size, step, seed)
-        batch = collate(self.processor, [self.split.items[i] for i in picks], self.bounds)
-        return {key: value.to(self.device) for key, value in batch.items()}
+    def at(self, step: int) -> dict[str, torch.Tensor]:
+        """This rank's share of `step`'s batch, collated on the CPU."""
+        items = [self.split.items[i] for i in self.order.at(step)]
+        return collate(self.processor, self.ranks.share(items), self.bounds)
+
+    def stream(self, steps: range) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """`(step, batch)` for `steps` in order, on the CPU (pinned and collated ahead on a GPU)."""
+        cuda = self.device.type == "cuda"
+        return step_batches(self.at, steps, loader_workers(self.device), pin_memory=cuda)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`batch` on the training device (asynchronously from pinned memory)."""
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
 
 @dataclass
 class LoopStats:
-    """What the loop measured: loss per step, real (non-padding) tokens and seconds."""
+    """What the loop measured, summed over ranks: loss per step, tokens and seconds."""
 
     curve: list[tuple[int, float]] = field(default_factory=list)
     tokens: int = 0
+    positions: int = 0
     seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Final loss, real (non-padding) tokens per second and the share of padding."""
+        return {
+            "final_loss": self.curve[-1][1] if self.curve else None,
+            "tokens_per_second": self.tokens / self.seconds if self.seconds > 0 else 0.0,
+            "padding_fraction": 1 - self.tokens / self.positions if self.positions else 0.0,
+        }
 
 
 def train_loop(
@@ -181,40 +272,74 @@ def train_loop(
     start: int,
     on_resume_point: ResumePointHook = None,
 ) -> LoopStats:
-    """Optimise from `start` to `hyper.steps`, logging to TensorBoard and saving resume points."""
+    """Optimise from `start` to `hyper.steps`; rank 0 logs to TensorBoard and saves resume points.
+
+    On a GPU, loader worker processes collate the next batches while the current step runs.
+    """
     optimizer, scheduler = schedule
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    writer = SummaryWriter(str(spec.layout.tensorboard))
+    ranks = batches.ranks
+    loss_fn = data_parallel(AnswerLoss(model), ranks, batches.device)
+    writer = SummaryWriter(str(spec.layout.tensorboard)) if ranks.main else None
     stats = LoopStats()
     began = time.perf_counter()
     model.train()
-    for step in range(start, hyper.steps):
-        batch = batches.at(step, hyper.batch_size, spec.seed)
-        labels = batch.pop("labels")
-        loss = answer_loss(model(**batch).logits, labels)
-        optimizer_step(loss, trainable, optimizer, scheduler)
+    for step, batch in batches.stream(range(start, hyper.steps)):
+        loss, tokens, positions = train_step(loss_fn, batches.to_device(batch), ranks, schedule)
         done = step + 1
-        stats.tokens += int(batch["attention_mask"].sum())
-        stats.curve.append((done, loss.item()))
-        writer.add_scalar("train/loss", stats.curve[-1][1], done)
-        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
-        if done % spec.log_every == 0 or done == hyper.steps:
-            log.info("step %d/%d loss %.4f", done, hyper.steps, stats.curve[-1][1])
-        if done % spec.checkpoint_every == 0 and done < hyper.steps:
-            point = save_state(spec.layout.resume, done, model, optimizer, scheduler)
-            if on_resume_point is not None:
-                on_resume_point(point)
-    writer.close()
+        stats.curve.append((done, loss))
+        stats.tokens += tokens
+        stats.positions += positions
+        if writer is not None:
+            writer.add_scalar("train/loss", loss, done)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+        if ranks.main and (done % spec.log_every == 0 or done == hyper.steps):
+            log.info("step %d/%d loss %.4f", done, hyper.steps, loss)
+        if ranks.main and done % spec.checkpoint_every == 0 and done < hyper.steps:
+            save_resume_point(spec, done, model, schedule, on_resume_point)
+    if writer is not None:
+        writer.close()
     stats.seconds = time.perf_counter() - began
     return stats
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """The samples of `step`: epochs of seeded permutations, so a resumed run sees the same data."""
-    per_epoch = max(1, n // batch_size)
-    epoch, offset = divmod(step, per_epoch)
-    order = random.Random(f"{seed}:{epoch}").sample(range(n), n)
-    return order[offset * batch_size : (offset + 1) * batch_size] or order[:batch_size]
+def train_step(
+    loss_fn: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    ranks: Ranks,
+    schedule: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+) -> tuple[float, int, int]:
+    """One optimizer step on this rank's share of the batch.
+
+    Returns the global batch's mean loss, real (non-padding) tokens and padded positions, all
+    ranks together. The loss is normalised by the answer tokens of the whole global batch; DDP
+    averages gradients over ranks, so each rank's sum is scaled by the world size: the result is
+    the gradient of the single-process mean, however unevenly answer tokens fall between ranks.
+    """
+    optimizer, scheduler = schedule
+    total, answers = loss_fn(batch)
+    mask = batch["attention_mask"]
+    counts = all_sum(
+        torch.stack([answers, mask.sum(), mask.new_tensor(mask.numel())]).double(), ranks
+    )
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    scale = (ranks.world / counts[0]).to(total.dtype)
+    optimizer_step(total * scale, trainable, optimizer, scheduler)
+    loss = all_sum(total.detach().double(), ranks) / counts[0]
+    _, tokens, positions = counts.tolist()
+    return float(loss), int(tokens), int(positions)
+
+
+def save_resume_point(
+    spec: TrainSpec,
+    step: int,
+    model: PeftModel,
+    schedule: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+    on_resume_point: ResumePointHook,
+) -> None:
+    """Save the resume point of `step`, then run the hook (on Modal: commit the volume)."""
+    point = save_state(spec.layout.resume, step, model, *schedule)
+    if on_resume_point is not None:
+        on_resume_point(point)
 
 
 def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any) -> Path:
@@ -310,6 +435,8 @@ def _result(
         "resumed_from_step": number(summary["resumed_from"]),
         "final_loss": number(round(summary["final_loss"] or 0.0, 5)),
         "tokens_per_second": number(round(summary["tokens_per_second"], 1)),
+        "padding_fraction": number(round(summary["padding_fraction"], 4)),
+        "processes": number(summary["processes"]),
         "wall_seconds": number(round(summary["wall_seconds"], 2)),
         "mode": text(spec.mode),
         "device": text(summary["device"]),

@@ -106,6 +106,9 @@ class TrainConfig(dg.Config):
     warmup_steps: int | None = None
     seed: int = 0
     checkpoint_every: int = Field(100, description="Steps between resume checkpoints.")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward; unset: on for CUDA, off on CPU."
+    )
 
 
 @dg.asset(

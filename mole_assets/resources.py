@@ -1,7 +1,6 @@
 """The `mole` resource: where config and volumes live, and how a stage's compute is launched."""
 
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 import dagster as dg
 from dagster_modal import ModalClient
 
-from modal_jobs.compute import STAGE_LAUNCHES, modal_plan
+from modal_jobs.compute import STAGE_LAUNCHES, modal_plan, stage_command, train_procs
 from modal_jobs.config import ConfigError, MoleConfig, load_config
 from modal_jobs.layout import Volumes, mole_home
 from modal_jobs.pipes import BAD_INPUT_EXTRA
@@ -39,7 +38,8 @@ def raise_bad_input(message_file: Path) -> None:
 class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Config dir, `MOLE_HOME` and backend; launches stages as Pipes subprocesses.
 
-    `local`: `python -m modal_jobs.<stage>`. `modal`: `dagster_modal.ModalClient` runs
+    `local`: `python -m modal_jobs.<stage>` (training under `torchrun` when `MOLE_TRAIN_PROCS`
+    is above 1). `modal`: `dagster_modal.ModalClient` runs
     `modal run modal_jobs/mole_app.py::<entrypoint>` (see `modal_jobs/cloud.py`).
 
     Empty fields fall back to `MOLE_CONFIG_DIR`, `MOLE_HOME` and `MOLE_BACKEND`.
@@ -84,10 +84,14 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return {
             "backend": "local",
             "launcher": "dagster.PipesSubprocessClient",
-            "command": f"{sys.executable} -m modal_jobs.{stage}",
+            "command": " ".join(self.command(stage)),
             "run_root": str(layout.root),
             "inference_volume": str(self.volumes().inference),
         }
+
+    def command(self, stage: str) -> list[str]:
+        """The local command running `stage` (module); `torchrun` for `MOLE_TRAIN_PROCS` > 1."""
+        return stage_command(stage, train_procs() if stage == "train" else 1)
 
     def on_modal(self, asset: str) -> bool:
         """Whether `asset` runs on Modal (backend selected and a Modal function exists for it).
@@ -118,7 +122,7 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             bad_input = Path(scratch) / "bad_input.txt"
             try:
                 invocation = client.run(
-                    command=[sys.executable, "-m", f"modal_jobs.{STAGES[asset]}"],
+                    command=self.command(STAGES[asset]),
                     context=context,
                     extras={"spec": spec, BAD_INPUT_EXTRA: str(bad_input)},
                     env=env,

@@ -1,0 +1,52 @@
+"""The answer-token loss without projecting every position onto the vocabulary.
+
+`answer_loss(model(**batch).logits, labels)` runs the `lm_head` (hidden size × vocabulary) at
+every position, image, system and instruction tokens included, and keeps a batch × length ×
+vocabulary logits tensor alive for the backward pass; with Qwen3-VL's 151k-token vocabulary that
+is most of a training step's activation memory. Here the model body runs to hidden states and the
+head runs only at the positions whose next token is labelled. The loss is the same up to float
+rounding (tests/test_training.py checks it against `answer_loss`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from modal_jobs.batching import IGNORE_INDEX
+
+
+def causal_lm(model: Any) -> Any:
+    """The `Qwen3VLForConditionalGeneration` inside `model` (LoRA layers stay in place).
+
+    Its `.model` (`Qwen3VLModel`: vision tower, merger, language model) returns hidden states;
+    its `.lm_head` projects them onto the vocabulary.
+    """
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+class AnswerLoss(torch.nn.Module):
+    """Summed next-token cross-entropy over a batch's answer tokens, and how many there are.
+
+    A module, not a function, so `DistributedDataParallel` can wrap it: DDP's hooks run around
+    this forward. The sum (not the mean) lets the caller normalise by the answer tokens of the
+    whole global batch when ranks hold different shares of it.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(loss sum, answer-token count)` for one collated batch (with `labels`)."""
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        lm = causal_lm(self.model)
+        # No KV cache: training never decodes, and building one costs memory for nothing.
+        hidden = lm.model(**inputs, use_cache=False).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        answer = targets != IGNORE_INDEX
+        logits = lm.lm_head(hidden[:, :-1][answer]).float()
+        total = torch.nn.functional.cross_entropy(logits, targets[answer], reduction="sum")
+        return total, answer.sum()
