@@ -13,18 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft import PeftModel
 
 from modal_jobs.batching import IGNORE_INDEX
-
-
-def causal_lm(model: Any) -> Any:
-    """The `Qwen3VLForConditionalGeneration` inside `model` (LoRA layers stay in place).
-
-    Its `.model` (`Qwen3VLModel`: vision tower, merger, language model) returns hidden states;
-    its `.lm_head` projects them onto the vocabulary.
-    """
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+from modal_jobs.model import causal_lm
 
 
 class AnswerLoss(torch.nn.Module):

@@ -97,10 +97,11 @@ def patch_embed_as_matmul(model: Qwen3VLForConditionalGeneration) -> None:
         conv.__class__ = PatchMatmul
 
 
-def body_and_head(model: Any) -> tuple[Any, Any]:
-    """The body (inputs → hidden states) and the vocabulary head of a Qwen3-VL causal LM.
+def causal_lm(model: Any) -> Any:
+    """The `Qwen3VLForConditionalGeneration` inside `model` (LoRA layers stay in place).
 
-    Seen through a PEFT wrapper too: the active LoRA layers live inside the body.
+    Its `.model` (`Qwen3VLModel`: vision tower, merger, language model) returns hidden states;
+    its `.lm_head` projects them onto the vocabulary. Through a PEFT wrapper the active adapter's
+    LoRA layers live inside `.model`, so calling it directly still runs them.
     """
-    causal = model.get_base_model() if isinstance(model, PeftModel) else model
-    return causal.model, causal.lm_head
+    return model.get_base_model() if isinstance(model, PeftModel) else model

@@ -13,7 +13,7 @@ import torch
 from modal_jobs.batching import Encoded, collate
 from modal_jobs.calibration import softmax
 from modal_jobs.config import ImageBounds
-from modal_jobs.model import body_and_head
+from modal_jobs.model import causal_lm
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def slot_logits(
     The body runs without a KV cache (nothing decodes after it), and only the experts' rows of
     the vocabulary head are applied, at the slot: the full head over every position is skipped.
     """
-    body, head = body_and_head(model)
-    hidden = body(**batch, use_cache=False).last_hidden_state
+    lm = causal_lm(model)
+    hidden = lm.model(**batch, use_cache=False).last_hidden_state
     at = torch.tensor(list(slots), device=hidden.device)
     rows = hidden[torch.arange(len(slots), device=hidden.device), at]
-    return torch.nn.functional.linear(rows, head.weight[label_ids], head.bias)
+    return torch.nn.functional.linear(rows, lm.lm_head.weight[label_ids], lm.lm_head.bias)

@@ -17,8 +17,8 @@ from modal_jobs.batching import Encoded, answer_loss, collate, encode
 from modal_jobs.config import ConfigError, ImageBounds, load_config
 from modal_jobs.distributed import Ranks
 from modal_jobs.loader import LengthGrouped, loader_workers, step_batches
-from modal_jobs.loss import AnswerLoss, causal_lm
-from modal_jobs.model import Runtime, load_base, load_processor, lora_config
+from modal_jobs.loss import AnswerLoss
+from modal_jobs.model import Runtime, causal_lm, load_base, load_processor, lora_config
 from modal_jobs.shards import Split
 from modal_jobs.train import Hyper, batch_plan
 
