@@ -413,7 +413,28 @@ TOKEN_ARRAYS = (
 )
 
 
-class ShardSamples(Sequence[Encoded]):
+class Samples(Sequence[Encoded]):
+    """A read-only sequence of samples built on demand by `_sample(n)`."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _sample(self, n: int) -> Encoded:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, key: int) -> Encoded: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> list[Encoded]: ...
+
+    def __getitem__(self, key: int | slice) -> Encoded | list[Encoded]:
+        if isinstance(key, slice):
+            return [self._sample(n) for n in range(*key.indices(len(self)))]
+        return self._sample(range(len(self))[key])
+
+
+class ShardSamples(Samples):
     """One shard's samples: token arrays in memory, each sample's pixels sliced from the file."""
 
     def __init__(self, path: Path) -> None:
@@ -424,19 +445,11 @@ class ShardSamples(Sequence[Encoded]):
     def __len__(self) -> int:
         return len(self.arrays["prompt_len"])
 
-    @overload
-    def __getitem__(self, key: int) -> Encoded: ...
-
-    @overload
-    def __getitem__(self, key: slice) -> list[Encoded]: ...
-
-    def __getitem__(self, key: int | slice) -> Encoded | list[Encoded]:
-        if isinstance(key, slice):
-            return [self[n] for n in range(*key.indices(len(self)))]
-        return sample(self.arrays, self.pixels, range(len(self))[key])
+    def _sample(self, n: int) -> Encoded:
+        return sample(self.arrays, self.pixels, n)
 
 
-class SplitSamples(Sequence[Encoded]):
+class SplitSamples(Samples):
     """The samples of several shards as one sequence, in shard order."""
 
     def __init__(self, shards: list[ShardSamples]) -> None:
@@ -446,16 +459,7 @@ class SplitSamples(Sequence[Encoded]):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    @overload
-    def __getitem__(self, key: int) -> Encoded: ...
-
-    @overload
-    def __getitem__(self, key: slice) -> list[Encoded]: ...
-
-    def __getitem__(self, key: int | slice) -> Encoded | list[Encoded]:
-        if isinstance(key, slice):
-            return [self[n] for n in range(*key.indices(len(self)))]
-        n = range(len(self))[key]
+    def _sample(self, n: int) -> Encoded:
         shard = bisect.bisect_right(self.starts, n) - 1
         return self.shards[shard][n - self.starts[shard]]
 
