@@ -15,7 +15,8 @@ Real tokens are the non-padding ones; tokens/s is over the training loop's wall 
 loading excluded on both sides). Each side runs `--repeats` times, alternating which goes first,
 and its fastest run is reported (with every run's figure): on a shared machine other jobs only
 ever slow a run down. Final loss = mean of the last `--last` steps' batch losses (the two sides
-see batches in different orders, so single-step losses are noisy).
+see batches in different orders, so those are noisy); `val_loss` = each trained adapter's
+answer-token loss on the run's val split, the same samples for both.
 
     MOLE_HOME=.mole python benchmarks/train.py [--steps 60] [--batch-size 16] [--repeats 2]
 """
@@ -33,13 +34,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from modal_jobs import train
-from modal_jobs.batching import IGNORE_INDEX, Encoded
+from modal_jobs.batching import IGNORE_INDEX, Encoded, collate
 from modal_jobs.config import ImageBounds, load_config
 from modal_jobs.layout import Volumes
+from modal_jobs.loss import AnswerLoss
 from modal_jobs.model import Runtime, load_base, load_processor, lora_config
 from modal_jobs.shards import load_split, read_index
 
@@ -49,11 +51,34 @@ def ours(spec: train.TrainSpec) -> dict[str, Any]:
     train.run(spec)
     summary = json.loads((spec.layout.checkpoint / "training_summary.json").read_text())
     curve = json.loads((spec.layout.checkpoint / "loss_curve.json").read_text())
+    base = load_base(summary["base"], Runtime.detect())
+    trained = PeftModel.from_pretrained(base, str(spec.layout.checkpoint))
     return {
         "real_tokens_per_s": summary["tokens_per_second"],
         "padding_fraction": summary["padding_fraction"],
         "losses": [loss for _, loss in curve],
+        "val_loss": heldout_loss(trained, spec),
     }
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, spec: train.TrainSpec, batch_size: int = 16) -> float:
+    """Answer-token loss of a trained adapter on the run's val split (the same samples for both).
+
+    The two sides' last training batches differ, so their training losses are noisy to compare.
+    """
+    index = read_index(spec.layout.shards)
+    processor = load_processor(index["base"])
+    items = list(load_split(spec.layout.shards, index, "val").items)
+    bounds = ImageBounds(**index["image_bounds"])
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(items), batch_size):
+        batch = collate(processor, items[start : start + batch_size], bounds)
+        loss, answers = AnswerLoss(model)({k: v.to(device) for k, v in batch.items()})
+        total, count = total + float(loss), count + int(answers)
+    return total / count
 
 
 class Samples(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
@@ -165,11 +190,13 @@ def baseline(spec: train.TrainSpec, scratch: Path) -> dict[str, Any]:
     )
     trainer.remove_callback(PrinterCallback)  # its per-step prints would break the one JSON line
     trainer.train()
+    val_loss = heldout_loss(trainer.model, spec)
     counted = collator.batches[: hyper.steps]  # the loader may have collated one batch ahead
     return {
         "real_tokens_per_s": sum(real for real, _ in counted) / clock.seconds,
         "padding_fraction": 1 - sum(r for r, _ in counted) / sum(p for _, p in counted),
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "val_loss": val_loss,
     }
 
 
@@ -216,6 +243,7 @@ def main() -> int:
         **report,
         "speedup": mine["real_tokens_per_s"] / theirs["real_tokens_per_s"],
         "loss_rel_diff": abs(mine["final_loss"] - theirs["final_loss"]) / theirs["final_loss"],
+        "val_loss_rel_diff": abs(mine["val_loss"] - theirs["val_loss"]) / theirs["val_loss"],
     }
     print(json.dumps(result))
     return 0
@@ -231,6 +259,7 @@ def best(runs: list[dict[str, Any]], last: int) -> dict[str, Any]:
         "padding_fraction": fastest["padding_fraction"],
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-last:])),
+        "val_loss": fastest["val_loss"],
     }
 
 

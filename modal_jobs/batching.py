@@ -9,11 +9,14 @@ the processor's own settings and layout, so training, eval and serving see ident
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyspng
 import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import InterpolationMode, resize
@@ -50,14 +53,42 @@ def fitted_size(height: int, width: int, bounds: ImageBounds, factor: int) -> tu
     return int(fitted[0]), int(fitted[1])
 
 
-def resize_screen(image: Image.Image, bounds: ImageBounds, factor: int) -> np.ndarray:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_screen(path: Path) -> np.ndarray:
+    """A screenshot file as RGB uint8 pixels (height × width × 3), decoded once.
+
+    PNG (what screenshots are) is decoded by libspng through `pyspng`, about twice as fast as
+    Pillow and the same pixels (a grey image's level repeated, an alpha channel dropped, as
+    Pillow's `convert("RGB")` does); other formats, and PNGs libspng gives in another layout,
+    go to Pillow. A damaged file fails in Pillow with its own error.
+    """
+    data = path.read_bytes()
+    if data.startswith(PNG_SIGNATURE):
+        try:
+            pixels = pyspng.load(data)
+        except RuntimeError:  # a layout libspng's default output does not take (grey + alpha)
+            pixels = np.zeros(0)
+        if pixels.dtype == np.uint8 and pixels.ndim == 2:
+            return np.repeat(pixels[:, :, None], 3, axis=2)
+        if pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+            return np.ascontiguousarray(pixels[:, :, :3])
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+def resize_screen(image: Image.Image | np.ndarray, bounds: ImageBounds, factor: int) -> np.ndarray:
     """A screenshot resized into the pixel bounds, each side a multiple of `factor`: RGB uint8.
 
     Bicubic with antialiasing in torchvision's uint8 kernels, as transformers' fast image
     processors resize: within 2 levels of PIL's bicubic (mean difference ~0.001) and ~5× faster,
     which matters because resizing was the largest per-sample cost of tokenization.
     """
-    rgb = np.array(image.convert("RGB"), dtype=np.uint8)  # writable, as torch wants
+    if isinstance(image, Image.Image):
+        rgb = np.array(image.convert("RGB"), dtype=np.uint8)  # writable, as torch wants
+    else:
+        rgb = image
     height, width = fitted_size(rgb.shape[0], rgb.shape[1], bounds, factor)
     if (height, width) == rgb.shape[:2]:
         return rgb
@@ -81,7 +112,7 @@ def conversation(system: str | None, instruction: str, answer: str | None) -> li
 
 def encode(
     processor: Any,
-    image: Image.Image,
+    image: Image.Image | np.ndarray,
     bounds: ImageBounds,
     system: str | None,
     instruction: str,

@@ -41,6 +41,7 @@ PACKAGES = (
     "pydantic==2.14.4",
     "pyyaml==6.0.4",
     "pillow==13.0.0",
+    "pyspng==0.1.4",
     "numpy==2.4.6",
     "matplotlib==3.11.2",
     "tensorboard==2.21.0",

@@ -30,12 +30,11 @@ from typing import Any, overload
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from modal_jobs.atomic import atomic_dir, write_json
-from modal_jobs.batching import Encoded, encode
+from modal_jobs.batching import Encoded, encode, read_screen
 from modal_jobs.config import ConfigError, ImageBounds
 from modal_jobs.dataset import SPLITS, read_split
 from modal_jobs.hashing import combine, file_sha256
@@ -155,10 +154,10 @@ class Encoder:
         return [self._row(processor, row) for row in rows]
 
     def _row(self, processor: Any, row: dict[str, Any]) -> Encoded:
-        with Image.open(self.dataset_dir / row["image"]) as image:
-            return encode(
-                processor, image, self.bounds, self.system_prompt, row["instruction"], row["label"]
-            )
+        image = read_screen(self.dataset_dir / row["image"])
+        return encode(
+            processor, image, self.bounds, self.system_prompt, row["instruction"], row["label"]
+        )
 
 
 def classes_of(labels: LabelMap, rows: Sequence[dict[str, Any]]) -> np.ndarray:

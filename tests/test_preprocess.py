@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from modal_jobs import dataset, shards
-from modal_jobs.batching import Encoded, collate, encode, vision_inputs
+from modal_jobs.batching import Encoded, collate, encode, read_screen, vision_inputs
 from modal_jobs.config import ConfigError, ImageBounds, load_config
 from modal_jobs.layout import Volumes
 from modal_jobs.model import load_processor
@@ -198,3 +198,20 @@ def test_workers_default_to_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 1 <= shards.preprocess_workers() <= shards.MAX_DEFAULT_WORKERS
     monkeypatch.setenv(shards.WORKERS_ENV, "3")
     assert shards.preprocess_workers() == 3
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "I;16", "1"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_read_screen_gives_pillows_rgb_pixels(tmp_path: Path, mode: str, suffix: str) -> None:
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    image = rgb.convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16")
+    if suffix == ".jpg" and mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    path = tmp_path / f"screen{suffix}"
+    image.save(path)
+    with Image.open(path) as reference:
+        expected = np.array(reference.convert("RGB"))
+    got = read_screen(path)
+    assert got.dtype == np.uint8 and got.shape == (37, 53, 3)
+    assert np.array_equal(got, expected)
