@@ -18,7 +18,7 @@ ever slow a run down. Final loss = mean of the last `--last` steps' batch losses
 see batches in different orders, so those are noisy); `val_loss` = each trained adapter's
 answer-token loss on the run's val split, the same samples for both.
 
-    MOLE_HOME=.mole python benchmarks/train.py [--steps 60] [--batch-size 16] [--repeats 2]
+    MOLE_HOME=.mole python benchmarks/train.py [--steps 150] [--batch-size 16] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main() -> int:
     """Run both trainings (alternating, `--repeats` times each) and print one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="demo", help="run whose tokenized shards to train on")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--last", type=int, default=10, help="steps averaged for the final loss")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each; the best counts")

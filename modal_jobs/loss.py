@@ -16,6 +16,7 @@ import torch
 
 from modal_jobs.batching import IGNORE_INDEX
 from modal_jobs.model import causal_lm
+from modal_jobs.vision_cache import encoder_outputs
 
 
 class AnswerLoss(torch.nn.Module):
@@ -30,9 +31,12 @@ class AnswerLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(loss sum, answer-token count)` for one collated batch (with `labels`)."""
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(loss sum, answer-token count)` for one collated batch (with `labels`).
+
+        The batch has pixels, or vision outputs a `VisionCache` put in their place.
+        """
+        inputs = encoder_outputs({key: value for key, value in batch.items() if key != "labels"})
         lm = causal_lm(self.model)
         # No KV cache: training never decodes, and building one costs memory for nothing.
         hidden = lm.model(**inputs, use_cache=False).last_hidden_state

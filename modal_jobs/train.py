@@ -39,7 +39,7 @@ from modal_jobs.distributed import Ranks, agree, all_sum, barrier, data_parallel
 from modal_jobs.hashing import file_sha256
 from modal_jobs.loader import LengthGrouped, loader_workers, step_batches
 from modal_jobs.loss import AnswerLoss
-from modal_jobs.model import Runtime, load_base, load_processor, lora_config
+from modal_jobs.model import Runtime, causal_lm, load_base, load_processor, lora_config
 from modal_jobs.optim import adamw, optimizer_step
 from modal_jobs.shards import Split, load_split, read_index
 from modal_jobs.stage import (
@@ -51,6 +51,7 @@ from modal_jobs.stage import (
     png_markdown,
     text,
 )
+from modal_jobs.vision_cache import SAMPLE_IDS, VisionCache, worth_caching
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +232,10 @@ class Batches:
     device: torch.device
 
     def at(self, step: int) -> dict[str, torch.Tensor]:
-        """This rank's share of `step`'s batch, collated on the CPU."""
-        items = [self.split.items[i] for i in self.order.at(step)]
-        return collate(self.processor, self.ranks.share(items), self.bounds)
+        """This rank's share of `step`'s batch, collated on the CPU, with its sample indices."""
+        ids = self.ranks.share(self.order.at(step))
+        batch = collate(self.processor, [self.split.items[i] for i in ids], self.bounds)
+        return {**batch, SAMPLE_IDS: torch.tensor(ids)}
 
     def stream(self, steps: range) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """`(step, batch)` for `steps` in order, on the CPU (pinned and collated ahead on a GPU)."""
@@ -279,12 +281,16 @@ def train_loop(
     optimizer, scheduler = schedule
     ranks = batches.ranks
     loss_fn = data_parallel(AnswerLoss(model), ranks, batches.device)
+    cache = VisionCache(model) if cache_vision(model, batches, hyper) else None
     writer = SummaryWriter(str(spec.layout.tensorboard)) if ranks.main else None
     stats = LoopStats()
     began = time.perf_counter()
     model.train()
     for step, batch in batches.stream(range(start, hyper.steps)):
-        loss, tokens, positions = train_step(loss_fn, batches.to_device(batch), ranks, schedule)
+        batch = batches.to_device(batch)
+        if cache is not None:
+            batch = cache.apply(batch)
+        loss, tokens, positions = train_step(loss_fn, batch, ranks, schedule)
         done = step + 1
         stats.curve.append((done, loss))
         stats.tokens += tokens
@@ -300,6 +306,13 @@ def train_loop(
         writer.close()
     stats.seconds = time.perf_counter() - began
     return stats
+
+
+def cache_vision(model: Any, batches: Batches, hyper: Hyper) -> bool:
+    """Whether to keep the frozen vision outputs per sample (`modal_jobs/vision_cache.py`)."""
+    merge = causal_lm(model).config.vision_config.spatial_merge_size ** 2
+    tokens = sum(int(np.prod(item.grid_thw)) // merge for item in batches.split.items)
+    return worth_caching(model, tokens, hyper.steps * hyper.batch_size, len(batches.split.items))
 
 
 def train_step(

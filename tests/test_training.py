@@ -21,6 +21,7 @@ from modal_jobs.loss import AnswerLoss
 from modal_jobs.model import Runtime, causal_lm, load_base, load_processor, lora_config
 from modal_jobs.shards import Split
 from modal_jobs.train import Hyper, batch_plan
+from modal_jobs.vision_cache import SAMPLE_IDS, VisionCache
 
 from .conftest import REPO
 
@@ -178,3 +179,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(
     assert got.keys() == expected.keys() and len(got) > 0
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_cached_vision_outputs_give_the_same_loss_and_gradients(
+    tiny_base: str, batch: dict[str, torch.Tensor]
+) -> None:
+    model = router(tiny_base)
+    total, count = AnswerLoss(model)(batch)
+    (total / count).backward()
+    expected = lora_grads(model)
+
+    cache = VisionCache(model)
+    first = cache.apply({**batch, SAMPLE_IDS: torch.tensor([4, 8, 15, 16, 23, 42])})
+    assert "pixel_values" not in first and len(cache) == 6
+    # The second visit reads the cache: pixels that are not these screens change nothing.
+    again = {**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])}
+    second = cache.apply({**again, SAMPLE_IDS: torch.tensor([4, 8, 15, 16, 23, 42])})
+    for cached in (first, second):
+        got_total, got_count = AnswerLoss(model)(cached)
+        (got_total / got_count).backward()
+        got = lora_grads(model)
+        torch.testing.assert_close(got_total / got_count, total / count, rtol=1e-5, atol=1e-6)
+        assert got.keys() == expected.keys() and len(got) > 0
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
