@@ -44,6 +44,34 @@ def experts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 MakeConfig = Callable[..., Path]
 
 
+def write_config(
+    target: Path,
+    experts: Path,
+    count: int = PER_EXPERT,
+    min_accuracy: float | None = None,
+    dataset: dict[str, Any] | None = None,
+    expert_adapters: bool = True,
+) -> Path:
+    """Copy config/ to `target`, pointing at `experts` with `count` samples per expert.
+
+    `min_accuracy` overrides the router's gate; without `expert_adapters` loras.json registers
+    none (for tests about the router's own artifacts).
+    """
+    shutil.copytree(REPO / "config", target, dirs_exist_ok=True)
+    data = yaml.safe_load((target / "dataset.yaml").read_text())
+    data["experts_dir"] = str(experts)
+    data["experts"] = {name: {**spec, "count": count} for name, spec in data["experts"].items()}
+    data.update(dataset or {})
+    (target / "dataset.yaml").write_text(yaml.safe_dump(data))
+    loras = json.loads((target / "loras.json").read_text())
+    if min_accuracy is not None:
+        loras["router"]["min_accuracy"] = min_accuracy
+    if not expert_adapters:
+        loras["experts"] = {}
+    (target / "loras.json").write_text(json.dumps(loras))
+    return target
+
+
 @pytest.fixture
 def make_config(tmp_path: Path, experts_dir: Path) -> MakeConfig:
     """Copy config/ into a temp dir, pointing at `experts` (default: the demo experts)."""
@@ -54,17 +82,9 @@ def make_config(tmp_path: Path, experts_dir: Path) -> MakeConfig:
         min_accuracy: float = 0.0,
         dataset: dict[str, Any] | None = None,
     ) -> Path:
-        target = tmp_path / "config"
-        shutil.copytree(REPO / "config", target, dirs_exist_ok=True)
-        data = yaml.safe_load((target / "dataset.yaml").read_text())
-        data["experts_dir"] = str(experts or experts_dir)
-        data["experts"] = {name: {**spec, "count": count} for name, spec in data["experts"].items()}
-        data.update(dataset or {})
-        (target / "dataset.yaml").write_text(yaml.safe_dump(data))
-        loras = json.loads((target / "loras.json").read_text())
-        loras["router"]["min_accuracy"] = min_accuracy
-        (target / "loras.json").write_text(json.dumps(loras))
-        return target
+        return write_config(
+            tmp_path / "config", experts or experts_dir, count, min_accuracy, dataset
+        )
 
     return make
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import dagster as dg
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from modal_jobs import dataset, shards, train
@@ -32,7 +31,7 @@ from modal_jobs.stage import StageSpec
 from mole_assets.assets import router_checkpoint
 from mole_assets.resources import MoleResource
 
-from .conftest import REPO, fresh_instance
+from .conftest import REPO, fresh_instance, write_config
 
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-3
@@ -45,12 +44,7 @@ def prepared(
 ) -> tuple[StageSpec, Path]:
     """Dataset and shards of one run, copied to the runs the tests train."""
     root = tmp_path_factory.mktemp("distributed")
-    config_dir = root / "config"
-    shutil.copytree(REPO / "config", config_dir)
-    data = yaml.safe_load((config_dir / "dataset.yaml").read_text())
-    data["experts_dir"] = str(experts_dir)
-    data["experts"] = {n: {**s, "count": 16} for n, s in data["experts"].items()}
-    (config_dir / "dataset.yaml").write_text(yaml.safe_dump(data))
+    config_dir = write_config(root / "config", experts_dir, count=16)
     spec = StageSpec(run="one", config=load_config(config_dir), volumes=Volumes.local())
     dataset.run(spec)
     shards.run(spec)

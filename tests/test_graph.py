@@ -13,7 +13,6 @@ from typing import Any
 
 import dagster as dg
 import pytest
-import yaml
 
 from modal_jobs.config import load_config
 from modal_jobs.layout import RunLayout, Volumes
@@ -21,7 +20,7 @@ from mole_assets.assets import router_assets
 from mole_assets.definitions import defs
 from mole_assets.resources import MoleResource
 
-from .conftest import PER_EXPERT, REPO, fresh_instance
+from .conftest import PER_EXPERT, fresh_instance, write_config
 
 RUN = "graph-test"
 TEST_MODE = {
@@ -39,20 +38,6 @@ class Materialized:
     layout: RunLayout
     volumes: Volumes
     result: dg.ExecuteInProcessResult
-
-
-def _config(target: Path, experts: Path, min_accuracy: float) -> Path:
-    import shutil
-
-    shutil.copytree(REPO / "config", target)
-    data = yaml.safe_load((target / "dataset.yaml").read_text())
-    data["experts_dir"] = str(experts)
-    data["experts"] = {n: {**s, "count": PER_EXPERT} for n, s in data["experts"].items()}
-    (target / "dataset.yaml").write_text(yaml.safe_dump(data))
-    loras = json.loads((target / "loras.json").read_text())
-    loras["router"]["min_accuracy"] = min_accuracy
-    (target / "loras.json").write_text(json.dumps(loras))
-    return target
 
 
 def _materialize(
@@ -79,7 +64,7 @@ def materialized(
 ) -> Materialized:
     root = tmp_path_factory.mktemp("graph")
     instance = fresh_instance(root, RUN)
-    config_dir = _config(root / "config", experts_dir, min_accuracy=0.0)
+    config_dir = write_config(root / "config", experts_dir, min_accuracy=0.0)
     selection = dg.AssetSelection.assets("deployed_router").upstream()
     result = _materialize(instance, config_dir, selection, TEST_MODE)
     volumes = Volumes.local()
@@ -191,7 +176,7 @@ def test_expert_sources_have_content_hash_versions(materialized: Materialized) -
 def test_accuracy_gate_blocks_deployment(
     materialized: Materialized, tmp_path: Path, experts_dir: Path
 ) -> None:
-    strict = _config(tmp_path / "strict", experts_dir, min_accuracy=1.0)
+    strict = write_config(tmp_path / "strict", experts_dir, min_accuracy=1.0)
     before = materialized.volumes.registry.read_text()
     result = _materialize(
         materialized.instance, strict, dg.AssetSelection.assets("eval_report", "deployed_router")

@@ -17,7 +17,6 @@ from typing import Any
 import dagster as dg
 import modal
 import pytest
-import yaml
 from dagster_modal import ModalClient
 
 from modal_jobs import cloud, compute
@@ -29,7 +28,7 @@ from mole_assets.cli import main
 from mole_assets.partitions import RUN_NAMES
 from mole_assets.resources import MoleResource
 
-from .conftest import PER_EXPERT, REPO, MakeConfig
+from .conftest import REPO, MakeConfig, write_config
 from .modal_substituted import FolderVolume, remap
 
 HARNESS = Path(__file__).with_name("modal_substituted.py")
@@ -218,12 +217,7 @@ def _routing_dataset(config_dir: Path, local: Volumes, cloud_data: Path) -> None
 def compared(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path) -> Iterator[Compared]:
     """`tokenized_shards` materialized by the local backend and by the substituted Modal one."""
     root = tmp_path_factory.mktemp("modal")
-    config_dir = root / "config"
-    shutil.copytree(REPO / "config", config_dir)
-    data = yaml.safe_load((config_dir / "dataset.yaml").read_text())
-    data["experts_dir"] = str(experts_dir)
-    data["experts"] = {n: {**s, "count": PER_EXPERT} for n, s in data["experts"].items()}
-    (config_dir / "dataset.yaml").write_text(yaml.safe_dump(data))
+    config_dir = write_config(root / "config", experts_dir)
     local = Volumes.local()
     mounts = {
         f"/vol/{DATA_VOLUME}": str(root / "cloud-data"),

@@ -26,7 +26,7 @@ from modal_jobs.config import load_config
 from modal_jobs.layout import Volumes
 from modal_jobs.stage import StageSpec
 
-from .conftest import REPO, MakeConfig, copy_experts
+from .conftest import REPO, MakeConfig, copy_experts, write_config
 
 RUN = "reliability"
 
@@ -42,21 +42,11 @@ def prepared(
     tmp_path_factory: pytest.TempPathFactory, experts_dir: Path, tiny_base: str
 ) -> Prepared:
     """A run with dataset and shards written (in-process), ready for the later stages."""
-    import shutil
-
-    import yaml
-
     root = tmp_path_factory.mktemp("reliability")
-    config_dir = root / "config"
-    shutil.copytree(REPO / "config", config_dir)
-    data = yaml.safe_load((config_dir / "dataset.yaml").read_text())
-    data["experts_dir"] = str(experts_dir)
-    data["experts"] = {n: {**s, "count": 24} for n, s in data["experts"].items()}
-    (config_dir / "dataset.yaml").write_text(yaml.safe_dump(data))
-    loras = json.loads((config_dir / "loras.json").read_text())
-    loras["router"]["min_accuracy"] = 0.0
-    loras["experts"] = {}  # no expert adapters: these tests are about the router's artifacts
-    (config_dir / "loras.json").write_text(json.dumps(loras))
+    # No expert adapters: these tests are about the router's artifacts.
+    config_dir = write_config(
+        root / "config", experts_dir, count=24, min_accuracy=0.0, expert_adapters=False
+    )
     volumes = Volumes.local()  # the session MOLE_HOME, where the tiny base is cached
     spec = StageSpec(run=RUN, config=load_config(config_dir), volumes=volumes)
     dataset.run(spec)

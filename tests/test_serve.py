@@ -29,8 +29,8 @@ from modal_jobs.demo_data import render_sample
 from modal_jobs.inference import Stack
 from modal_jobs.layout import Volumes
 
-from .conftest import fresh_instance
-from .test_graph import _config, _materialize
+from .conftest import fresh_instance, write_config
+from .test_graph import _materialize
 
 RUN = "serve-test"
 # Enough router steps on the small test data to route held-out screens reliably (test mode's
@@ -57,7 +57,7 @@ class Deployed:
 def deployed(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path) -> Deployed:
     root = tmp_path_factory.mktemp("serve")
     instance = fresh_instance(root, RUN)
-    config_dir = _config(root / "config", experts_dir, min_accuracy=0.0)
+    config_dir = write_config(root / "config", experts_dir, min_accuracy=0.0)
     selection = dg.AssetSelection.assets("deployed_router").upstream()
     result = _materialize(instance, config_dir, selection, TRAIN, run=RUN)
     assert result.success
