@@ -16,18 +16,18 @@ The loss is on the answer tokens only, as in training.
 
 Variants, timed on the same samples in the same run (each: one untimed FLOP-counting step,
 `--warmup` untimed steps, then `--steps` timed ones):
-- baseline: what modal_jobs/train.py does today: batches right-padded to their longest sample,
-  logits over every position and the whole vocabulary, `batching.answer_loss`;
-- grouped: length-grouped batches (sorted by length within mega-batches of `GROUP_BATCHES`
-  batches, batch order shuffled) and logits only where an answer token is predicted
-  (`logits_to_keep` as a boolean mask);
+- baseline: what a plain loop does (and mole's training did before): batches right-padded to
+  their longest sample, logits over every position and the whole vocabulary,
+  `batching.answer_loss`;
+- grouped: length-grouped batches as training plans them (`loader.LengthGrouped`) and logits only
+  where an answer token is predicted (`logits_to_keep` as a boolean mask, as
+  `loss.AnswerLoss` keeps only those positions);
 - packed: each batch packed padding-free into one row with per-sample position ids, so
   flash-attention's varlen kernel sees the sample boundaries (under sdpa transformers builds a
   block-diagonal mask instead, which still computes the masked blocks), answer-only logits.
 `ours` is `packed` under flash_attention_2, else `grouped`; `speedup` = its real tokens/s over the
-baseline's. Length grouping and answer-only logits are minimal versions written here
-(`length_grouped`, `padded`, `packed`, `loss_of`): switch them to the training module's helpers
-once modal_jobs/train.py has them.
+baseline's. Collation (`padded`, `packed`) is written here because the samples are synthetic
+tensors, not shard rows.
 A timed step is forward, loss, backward, gradient clipping and the AdamW step
 (`optim.optimizer_step`) on a batch already on the device, whose M-RoPE position ids were computed
 when it was collated, with the model's own `get_rope_index` (a data loader's job), for every
@@ -81,6 +81,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from modal_jobs.batching import IGNORE_INDEX, answer_loss
 from modal_jobs.config import ImageBounds, ModelPreset, load_config
+from modal_jobs.loader import LengthGrouped
 from modal_jobs.model import Runtime, lora_config, patch_embed_as_matmul
 from modal_jobs.optim import adamw, optimizer_step
 
@@ -163,7 +164,6 @@ SCREENS = (
     (720, 1280),
 )
 SYSTEM_TOKENS = 14  # "Answer with the name of the expert that should handle this screenshot."
-GROUP_BATCHES = 8  # length grouping sorts within mega-batches of this many batches
 LEARNING_RATE = 1e-4
 
 
@@ -296,17 +296,10 @@ def random_batches(samples: Sequence[Sample], batch_size: int) -> list[list[Samp
     return [list(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
-def length_grouped(
-    samples: Sequence[Sample], batch_size: int, rng: np.random.Generator
-) -> list[list[Sample]]:
-    """Length-grouped batches: sorted within mega-batches, then the batch order shuffled."""
-    mega = batch_size * GROUP_BATCHES
-    batches: list[list[Sample]] = []
-    for start in range(0, len(samples), mega):
-        group = sorted(samples[start : start + mega], key=lambda s: s.length, reverse=True)
-        batches += random_batches(group, batch_size)
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
+def length_grouped(samples: Sequence[Sample], batch_size: int, seed: int) -> list[list[Sample]]:
+    """One epoch of batches as router training plans them (`loader.LengthGrouped`)."""
+    plan = LengthGrouped([s.length for s in samples], batch_size, seed)
+    return [[samples[i] for i in batch] for batch in plan.epoch(0)]
 
 
 @dataclass
@@ -658,7 +651,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             bench, random_batches(samples, batch_size), lambda b: padded(b, False, specials)
         ),
         "grouped": run_variant(
-            bench, length_grouped(samples, batch_size, rng), lambda b: padded(b, True, specials)
+            bench,
+            length_grouped(samples, batch_size, args.seed),
+            lambda b: padded(b, True, specials),
         ),
         "packed": run_variant(bench, random_batches(samples, batch_size), packed),
     }

@@ -118,6 +118,20 @@ def secrets(r: compute.FunctionResources) -> list[Any]:
     return [SECRETS[name] for name in r.secrets]
 
 
+def options(r: compute.FunctionResources) -> dict[str, Any]:
+    """`app.function` arguments for a stage, all from its row in `compute.py`'s table."""
+    return {
+        "image": IMAGES[r.image],
+        "gpu": gpu(r),
+        "cpu": r.cpu,
+        "memory": r.memory_mib,
+        "timeout": r.timeout_s,
+        "retries": retries(r),
+        "volumes": volumes(r),
+        "secrets": secrets(r),
+    }
+
+
 def _in_container() -> bool:
     # `.local()` calls (tests, debugging) have no mounted volume to reload or commit.
     return not modal.is_local()
@@ -136,16 +150,7 @@ def _commit(*mounted: Any) -> None:
 
 
 # --- tokenization: plan, .map() over chunks, merge ---------------------------------------------
-@app.function(
-    image=IMAGES[SHARDS_PLAN.image],
-    gpu=gpu(SHARDS_PLAN),
-    cpu=SHARDS_PLAN.cpu,
-    memory=SHARDS_PLAN.memory_mib,
-    timeout=SHARDS_PLAN.timeout_s,
-    retries=retries(SHARDS_PLAN),
-    volumes=volumes(SHARDS_PLAN),
-    secrets=secrets(SHARDS_PLAN),
-)
+@app.function(**options(SHARDS_PLAN))
 def shards_plan(spec: dict[str, Any]) -> dict[str, Any]:
     """Resolve the base model once (filling the HF cache volume) and cut the splits into chunks."""
     from dataclasses import asdict
@@ -161,16 +166,7 @@ def shards_plan(spec: dict[str, Any]) -> dict[str, Any]:
     return {"base": base, "chunks": chunks}
 
 
-@app.function(
-    image=IMAGES[SHARDS_CHUNK.image],
-    gpu=gpu(SHARDS_CHUNK),
-    cpu=SHARDS_CHUNK.cpu,
-    memory=SHARDS_CHUNK.memory_mib,
-    timeout=SHARDS_CHUNK.timeout_s,
-    retries=retries(SHARDS_CHUNK),
-    volumes=volumes(SHARDS_CHUNK),
-    secrets=secrets(SHARDS_CHUNK),
-)
+@app.function(**options(SHARDS_CHUNK))
 def shards_chunk(spec: dict[str, Any], base: str, chunk: dict[str, Any]) -> dict[str, Any]:
     """Tokenize one chunk into the parts folder on the data volume; return its index entry."""
     from modal_jobs import shards
@@ -182,16 +178,7 @@ def shards_chunk(spec: dict[str, Any], base: str, chunk: dict[str, Any]) -> dict
     return entry
 
 
-@app.function(
-    image=IMAGES[SHARDS_FINISH.image],
-    gpu=gpu(SHARDS_FINISH),
-    cpu=SHARDS_FINISH.cpu,
-    memory=SHARDS_FINISH.memory_mib,
-    timeout=SHARDS_FINISH.timeout_s,
-    retries=retries(SHARDS_FINISH),
-    volumes=volumes(SHARDS_FINISH),
-    secrets=secrets(SHARDS_FINISH),
-)
+@app.function(**options(SHARDS_FINISH))
 def shards_finish(
     spec: dict[str, Any], base: str, entries: list[dict[str, Any]], seconds: float
 ) -> dict[str, Any]:
@@ -206,16 +193,7 @@ def shards_finish(
 
 
 # --- training: resumable on preemptible GPUs ---------------------------------------------------
-@app.function(
-    image=IMAGES[TRAIN.image],
-    gpu=gpu(TRAIN),
-    cpu=TRAIN.cpu,
-    memory=TRAIN.memory_mib,
-    timeout=TRAIN.timeout_s,
-    retries=retries(TRAIN),
-    volumes=volumes(TRAIN),
-    secrets=secrets(TRAIN),
-)
+@app.function(**options(TRAIN))
 def train_router(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming from the newest `train_state/step-N` a preempted attempt committed)."""
     from modal_jobs import train
@@ -261,16 +239,7 @@ def _torchrun(spec: dict[str, Any], count: int) -> dict[str, Any]:
 
 
 # --- evaluation and deployment -----------------------------------------------------------------
-@app.function(
-    image=IMAGES[EVALUATE.image],
-    gpu=gpu(EVALUATE),
-    cpu=EVALUATE.cpu,
-    memory=EVALUATE.memory_mib,
-    timeout=EVALUATE.timeout_s,
-    retries=retries(EVALUATE),
-    volumes=volumes(EVALUATE),
-    secrets=secrets(EVALUATE),
-)
+@app.function(**options(EVALUATE))
 def evaluate_router(spec: dict[str, Any]) -> dict[str, Any]:
     """Score the held-out eval split; write the report to the data volume."""
     from modal_jobs import evaluate
@@ -282,16 +251,7 @@ def evaluate_router(spec: dict[str, Any]) -> dict[str, Any]:
     return result.to_json()
 
 
-@app.function(
-    image=IMAGES[DEPLOY.image],
-    gpu=gpu(DEPLOY),
-    cpu=DEPLOY.cpu,
-    memory=DEPLOY.memory_mib,
-    timeout=DEPLOY.timeout_s,
-    retries=retries(DEPLOY),
-    volumes=volumes(DEPLOY),
-    secrets=secrets(DEPLOY),
-)
+@app.function(**options(DEPLOY))
 def deploy_router(spec: dict[str, Any]) -> dict[str, Any]:
     """Publish the run's router to the inference volume (gated by the eval report)."""
     from modal_jobs import deploy

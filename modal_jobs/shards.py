@@ -383,18 +383,43 @@ def pack(items: list[Encoded], classes: np.ndarray) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class Split:
-    """One tokenized split loaded back: samples and their class indices."""
+    """One tokenized split loaded back: samples and their class indices.
+
+    Also each sample's token count and image grid, known without reading any pixels.
+    """
 
     items: Sequence[Encoded]
     classes: np.ndarray
+    lengths: np.ndarray
+    grids: np.ndarray
+
+    @classmethod
+    def of(cls, items: Sequence[Encoded], classes: np.ndarray) -> Split:
+        """A split of samples already in memory."""
+        lengths = np.array([len(item.input_ids) for item in items], dtype=np.int64)
+        grids = np.array([item.grid_thw for item in items], dtype=np.int64).reshape(-1, 3)
+        return cls(items, classes, lengths, grids)
+
+    def subset(self, keep: Sequence[int]) -> Split:
+        """The samples at `keep`, in that order."""
+        picks = np.asarray(keep, dtype=np.int64)
+        items = [self.items[int(i)] for i in picks]
+        return Split(items, self.classes[picks], self.lengths[picks], self.grids[picks])
 
 
 def load_split(shards_dir: Path, index: dict[str, Any], split: str) -> Split:
     """Open every shard of a split; samples are read from the mapped files when asked for."""
     shards = [ShardSamples(shards_dir / entry["name"]) for entry in index["splits"][split]["files"]]
-    classes = [shard.arrays["classes"] for shard in shards]
+
+    def column(values: Callable[[dict[str, np.ndarray]], np.ndarray], shape: Any) -> np.ndarray:
+        parts = [values(shard.arrays) for shard in shards]
+        return np.concatenate(parts) if parts else np.zeros(shape, dtype=np.int64)
+
     return Split(
-        SplitSamples(shards), np.concatenate(classes) if classes else np.zeros(0, dtype=np.int64)
+        SplitSamples(shards),
+        column(lambda arrays: arrays["classes"], 0),
+        column(lambda arrays: np.diff(arrays["token_offsets"]), 0),
+        column(lambda arrays: arrays["grid_thw"], (0, 3)),
     )
 
 

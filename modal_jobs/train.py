@@ -180,12 +180,12 @@ def training_split(spec: TrainSpec, index: dict[str, Any]) -> Split:
     if spec.mode != "test":
         return train
     keep = sorted(np.random.default_rng(spec.seed).permutation(len(train.items))[:TEST_SAMPLES])
-    return Split([train.items[i] for i in keep], train.classes[keep])
+    return train.subset(keep)
 
 
 def batch_plan(train: Split, hyper: Hyper, seed: int, ranks: Ranks) -> LengthGrouped:
     """Every step's global batch; each of the `ranks.world` processes needs a sample of it."""
-    order = LengthGrouped([len(item.input_ids) for item in train.items], hyper.batch_size, seed)
+    order = LengthGrouped(train.lengths.tolist(), hyper.batch_size, seed)
     if order.batch_size < ranks.world:
         raise ConfigError(
             f"batch size {order.batch_size} is smaller than the {ranks.world} training "
@@ -311,7 +311,7 @@ def train_loop(
 def cache_vision(model: Any, batches: Batches, hyper: Hyper) -> bool:
     """Whether to keep the frozen vision outputs per sample (`modal_jobs/vision_cache.py`)."""
     merge = causal_lm(model).config.vision_config.spatial_merge_size ** 2
-    tokens = sum(int(np.prod(item.grid_thw)) // merge for item in batches.split.items)
+    tokens = int(batches.split.grids.prod(axis=1).sum()) // merge
     return worth_caching(model, tokens, hyper.steps * hyper.batch_size, len(batches.split.items))
 
 

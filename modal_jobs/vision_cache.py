@@ -51,11 +51,10 @@ class VisionCache:
         batch = dict(batch)
         ids = [int(i) for i in batch.pop(SAMPLE_IDS)]
         pixels, grids = batch.pop("pixel_values"), batch["image_grid_thw"]
-        patches = grids.prod(-1).tolist()
-        starts = [sum(patches[:n]) for n in range(len(patches))]
+        per_image = pixels.split(grids.prod(-1).tolist())
         missing = [n for n, sample in enumerate(ids) if sample not in self.stored]
         if missing:
-            chosen = torch.cat([pixels[starts[n] : starts[n] + patches[n]] for n in missing])
+            chosen = torch.cat([per_image[n] for n in missing])
             outputs = causal_lm(self.model).model.get_image_features(
                 chosen, grids[missing], return_dict=True
             )

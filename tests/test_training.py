@@ -100,7 +100,7 @@ def test_a_global_batch_smaller_than_the_process_count_is_refused() -> None:
     sample = Encoded(
         np.zeros(9, np.int32), np.zeros(9, np.uint8), 5, 7, np.zeros((32, 32, 3)), (1, 2, 2)
     )
-    split = Split([sample] * 10, np.zeros(10, dtype=np.int64))
+    split = Split.of([sample] * 10, np.zeros(10, dtype=np.int64))
     hyper = Hyper(steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=0)
     assert batch_plan(split, hyper, 0, Ranks(1, 1, 2)).batch_size == 2
     with pytest.raises(ConfigError, match="batch size 2 is smaller than the 4 training processes"):
@@ -140,6 +140,13 @@ def lora_grads(model: Any) -> dict[str, torch.Tensor]:
     return grads
 
 
+def assert_same_grads(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The same LoRA parameters got gradients, equal up to float rounding."""
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_answer_only_head_equals_the_full_logits_loss(
     tiny_base: str, batch: dict[str, torch.Tensor]
 ) -> None:
@@ -155,9 +162,7 @@ def test_answer_only_head_equals_the_full_logits_loss(
 
     assert int(count) == int((batch["labels"][:, 1:] != -100).sum()) > 0
     torch.testing.assert_close(total / count, reference, rtol=1e-5, atol=1e-6)
-    assert got.keys() == expected.keys() and len(got) > 0
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert_same_grads(got, expected)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(
@@ -176,9 +181,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(
     (total / count).backward()
     got = lora_grads(model)
 
-    assert got.keys() == expected.keys() and len(got) > 0
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert_same_grads(got, expected)
 
 
 def test_cached_vision_outputs_give_the_same_loss_and_gradients(
@@ -200,6 +203,4 @@ def test_cached_vision_outputs_give_the_same_loss_and_gradients(
         (got_total / got_count).backward()
         got = lora_grads(model)
         torch.testing.assert_close(got_total / got_count, total / count, rtol=1e-5, atol=1e-6)
-        assert got.keys() == expected.keys() and len(got) > 0
-        for name, grad in expected.items():
-            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        assert_same_grads(got, expected)
