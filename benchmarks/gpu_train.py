@@ -2,7 +2,7 @@
 
 The model is `Qwen3VLForConditionalGeneration` built from Qwen/Qwen3-VL-2B-Instruct's config.json
 values (`TEXT`, `VISION`, `TOKENS` below, with their sources) with random bf16 weights, created on
-the GPU itself: nothing is downloaded. The LoRA is production's (`modal_jobs.model.lora_config`
+the GPU itself: nothing is downloaded. The LoRA is production's (`modal_jobs.ml.model.lora_config`
 with the `qwen3-vl-2b` preset's settings from config/models.yaml: language-model projections
 only), with non-reentrant gradient checkpointing and input gradients enabled, bf16, and
 `flash_attention_2` when flash-attn is importable, else `sdpa` (`Runtime.detect`).
@@ -79,11 +79,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from modal_jobs.batching import IGNORE_INDEX, answer_loss
 from modal_jobs.config import ImageBounds, ModelPreset, load_config
-from modal_jobs.loader import LengthGrouped
-from modal_jobs.model import Runtime, lora_config, patch_embed_as_matmul
-from modal_jobs.optim import adamw, optimizer_step
+from modal_jobs.ml.batching import IGNORE_INDEX, answer_loss
+from modal_jobs.ml.loader import LengthGrouped
+from modal_jobs.ml.model import Runtime, lora_config, patch_embed_as_matmul
+from modal_jobs.ml.optim import adamw, optimizer_step
 
 # Qwen/Qwen3-VL-2B-Instruct's config.json,
 # https://huggingface.co/Qwen/Qwen3-VL-2B-Instruct/blob/main/config.json. No hub access here: the

@@ -36,13 +36,15 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoProcessor
 
-from modal_jobs import dataset, shards
-from modal_jobs.batching import conversation, vision_inputs
+from modal_jobs import artifacts
 from modal_jobs.config import load_config
 from modal_jobs.demo_data import write_demo_data
 from modal_jobs.layout import Volumes
-from modal_jobs.presets import resolve_base
+from modal_jobs.ml import shard_files
+from modal_jobs.ml.batching import conversation, vision_inputs
+from modal_jobs.ml.presets import resolve_base
 from modal_jobs.stage import StageSpec
+from modal_jobs.stages import dataset, shards
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "bench"
@@ -70,7 +72,9 @@ def make_spec(root: Path, per_expert: int) -> StageSpec:
 def all_rows(spec: StageSpec) -> list[dict[str, Any]]:
     """Every sample of the routing dataset, in split order."""
     return [
-        row for split in dataset.SPLITS for row in dataset.read_split(spec.layout.dataset, split)
+        row
+        for split in artifacts.SPLITS
+        for row in artifacts.read_split(spec.layout.dataset, split)
     ]
 
 
@@ -105,7 +109,9 @@ def folder_bytes(folder: Path) -> int:
 def batch_pixels_ms(spec: StageSpec, base: str, repeats: int = 30) -> dict[str, float]:
     """Median ms to turn 8 sized screenshots into pixel values: image processor vs ours."""
     processor = AutoProcessor.from_pretrained(base)
-    split = shards.load_split(spec.layout.shards, shards.read_index(spec.layout.shards), "eval")
+    split = shard_files.load_split(
+        spec.layout.shards, artifacts.read_index(spec.layout.shards), "eval"
+    )
     pixels = [item.pixels for item in split.items[:8]]
     bounds = spec.config.image_bounds
     size = {"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels}

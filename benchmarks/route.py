@@ -5,7 +5,7 @@ held-out eval screenshots, already tokenized with the router's system prompt. Bo
 the same model with the router adapter active at batch size 1, on the same collated tensors,
 interleaved image by image (the machine's other load hits both alike); medians are reported:
 - route: one forward pass of the body, the experts' first-label-token rows of the vocabulary
-  head applied at the answer slot only (`modal_jobs.routing.slot_logits`, what serving runs);
+  head applied at the answer slot only (`modal_jobs.ml.routing.slot_logits`, what serving runs);
 - generate: greedy `generate()` with enough new tokens to emit the longest label and its end of
   turn; correct when the decoded text is the label.
 `speedup` = generate time / route time (model time; the shared preprocessing is reported apart).
@@ -26,14 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from modal_jobs.batching import Encoded, collate
-from modal_jobs.deploy import current_router
+from modal_jobs.artifacts import read_index
 from modal_jobs.errors import MoleError
-from modal_jobs.inference import ROUTER_ADAPTER, RouterInfo, Stack
 from modal_jobs.layout import Volumes
-from modal_jobs.model import Runtime
-from modal_jobs.routing import score, slot_logits
-from modal_jobs.shards import load_split, read_index
+from modal_jobs.ml.batching import Encoded, collate
+from modal_jobs.ml.model import Runtime
+from modal_jobs.ml.routing import score, slot_logits
+from modal_jobs.ml.shard_files import load_split
+from modal_jobs.serving.inference import ROUTER_ADAPTER, RouterInfo, Stack
+from modal_jobs.serving.registry import current_router
 
 
 @torch.inference_mode()

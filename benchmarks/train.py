@@ -4,7 +4,7 @@ Needs the demo run's tokenized shards under MOLE_HOME (`make demo` makes them). 
 a fresh router LoRA (same seed, same `lora_config`) on the tiny base from the run's train split
 (mixed-size screenshots), with the same batch size, steps, learning rate, warm-up + cosine
 schedule, AdamW betas and gradient clipping, on the same device and dtype:
-- ours: `modal_jobs.train.run` itself, on a copy of the shards in a scratch volume (length-grouped
+- ours: `modal_jobs.stages.train.run`, on a copy of the shards in a scratch volume (length-grouped
   batches, the vocabulary projection at answer positions only; on a GPU, collation ahead by
   loader workers);
 - trainer: what a user writes: a torch Dataset of per-sample processor outputs (the image
@@ -37,13 +37,14 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from modal_jobs import train
-from modal_jobs.batching import IGNORE_INDEX, Encoded, collate
+from modal_jobs.artifacts import read_index
 from modal_jobs.config import ImageBounds, load_config
 from modal_jobs.layout import Volumes
-from modal_jobs.loss import AnswerLoss
-from modal_jobs.model import Runtime, load_base, load_processor, lora_config
-from modal_jobs.shards import load_split, read_index
+from modal_jobs.ml.batching import IGNORE_INDEX, Encoded, collate
+from modal_jobs.ml.loss import AnswerLoss
+from modal_jobs.ml.model import Runtime, load_base, load_processor, lora_config
+from modal_jobs.ml.shard_files import load_split
+from modal_jobs.stages import train
 
 
 def ours(spec: train.TrainSpec) -> dict[str, Any]:

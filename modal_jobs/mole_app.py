@@ -5,7 +5,7 @@ Run one stage by hand (`--spec`: a JSON stage spec, as `mole materialize --dry` 
     modal run modal_jobs/mole_app.py::train --spec spec.json
 
 Under Dagster (`MOLE_BACKEND=modal`), `dagster_modal.ModalClient` runs the same entrypoints with
-the Pipes environment. Resources come from `modal_jobs/compute.py` (the table `--dry` prints);
+the Pipes environment. Resources come from `modal_jobs/launch/compute.py` (what `--dry` prints);
 the training GPU from `MOLE_MODAL_GPU` (e.g. `H100:8`), read when this file is imported.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import modal
 
-from modal_jobs import cloud, compute
+from modal_jobs.launch import cloud, compute
 from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, MODAL_MOUNT_ROOT
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ VOLUMES = {
 }
 SECRETS = {compute.HF_SECRET: modal.Secret.from_name(compute.HF_SECRET)}  # provides HF_TOKEN
 
-# --- resources (one table: modal_jobs/compute.py) ----------------------------------------------
+# --- resources (one table: modal_jobs/launch/compute.py) -------------------------------------
 RESOURCES = compute.functions()
 SHARDS_PLAN = RESOURCES["shards_plan"]
 SHARDS_CHUNK = RESOURCES["shards_chunk"]
@@ -155,8 +155,8 @@ def shards_plan(spec: dict[str, Any]) -> dict[str, Any]:
     """Resolve the base model once (filling the HF cache volume) and cut the splits into chunks."""
     from dataclasses import asdict
 
-    from modal_jobs import shards
     from modal_jobs.stage import StageSpec
+    from modal_jobs.stages import shards
 
     _reload(data_volume, hf_cache_volume)
     stage = StageSpec.model_validate(spec)
@@ -169,8 +169,8 @@ def shards_plan(spec: dict[str, Any]) -> dict[str, Any]:
 @app.function(**options(SHARDS_CHUNK))
 def shards_chunk(spec: dict[str, Any], base: str, chunk: dict[str, Any]) -> dict[str, Any]:
     """Tokenize one chunk into the parts folder on the data volume; return its index entry."""
-    from modal_jobs import shards
     from modal_jobs.stage import StageSpec
+    from modal_jobs.stages import shards
 
     _reload(data_volume, hf_cache_volume)
     entry = shards.tokenize_chunk(StageSpec.model_validate(spec), base, shards.Chunk(**chunk))
@@ -183,8 +183,8 @@ def shards_finish(
     spec: dict[str, Any], base: str, entries: list[dict[str, Any]], seconds: float
 ) -> dict[str, Any]:
     """Rename every chunk into `tokenized_shards/` with index.json; return the StageResult."""
-    from modal_jobs import shards
     from modal_jobs.stage import StageSpec
+    from modal_jobs.stages import shards
 
     _reload(data_volume)
     result = shards.finish(StageSpec.model_validate(spec), base, entries, seconds)
@@ -196,7 +196,7 @@ def shards_finish(
 @app.function(**options(TRAIN))
 def train_router(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming from the newest `train_state/step-N` a preempted attempt committed)."""
-    from modal_jobs import train
+    from modal_jobs.stages import train
 
     _reload(data_volume, hf_cache_volume)
     count = TRAIN.gpu.count if TRAIN.gpu else 1
@@ -210,7 +210,7 @@ def train_router(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _torchrun(spec: dict[str, Any], count: int) -> dict[str, Any]:
-    """Launch `torchrun -m modal_jobs.train` on every GPU, committing the volume meanwhile."""
+    """Run `torchrun -m modal_jobs.stages.train` on every GPU, committing the volume meanwhile."""
     import json
 
     run_dir = Path(spec["volumes"]["data"]) / "runs" / spec["run"]
@@ -242,8 +242,8 @@ def _torchrun(spec: dict[str, Any], count: int) -> dict[str, Any]:
 @app.function(**options(EVALUATE))
 def evaluate_router(spec: dict[str, Any]) -> dict[str, Any]:
     """Score the held-out eval split; write the report to the data volume."""
-    from modal_jobs import evaluate
     from modal_jobs.stage import StageSpec
+    from modal_jobs.stages import evaluate
 
     _reload(data_volume, hf_cache_volume)
     result = evaluate.run(StageSpec.model_validate(spec))
@@ -254,8 +254,8 @@ def evaluate_router(spec: dict[str, Any]) -> dict[str, Any]:
 @app.function(**options(DEPLOY))
 def deploy_router(spec: dict[str, Any]) -> dict[str, Any]:
     """Publish the run's router to the inference volume (gated by the eval report)."""
-    from modal_jobs import deploy
     from modal_jobs.stage import StageSpec
+    from modal_jobs.stages import deploy
 
     _reload(data_volume, inference_volume)
     result = deploy.run(StageSpec.model_validate(spec))

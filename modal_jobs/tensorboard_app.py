@@ -13,7 +13,7 @@ from typing import Any
 
 import modal
 
-from modal_jobs import compute
+from modal_jobs.launch import compute
 from modal_jobs.layout import DATA_VOLUME, MODAL_MOUNT_ROOT
 
 image = modal.Image.debian_slim(python_version="3.11").pip_install("tensorboard==2.21.0")

@@ -1,8 +1,8 @@
 """The router graph: expert sources → routing dataset → shards → checkpoint → report → deployment.
 
-Assets are thin: build the stage spec, launch `modal_jobs.<stage>` through the `mole` resource,
-and let Pipes carry metadata, data versions and check results back. Pipes assets store no Python
-output; each stage finds its inputs by the run's volume layout.
+Assets are thin: build the stage spec, launch `modal_jobs.stages.<stage>` through the `mole`
+resource, and let Pipes carry metadata, data versions and check results back. Pipes assets store
+no Python output; each stage finds its inputs by the run's volume layout.
 """
 
 import enum

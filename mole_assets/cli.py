@@ -178,7 +178,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy a run's router (or roll back to the previous deployment)."""
-    from modal_jobs.deploy import read_registry, rollback
+    from modal_jobs.serving.registry import read_registry, rollback
 
     volumes = Volumes.local()
     if args.rollback:
@@ -196,13 +196,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _stack() -> Any:
-    from modal_jobs.inference import Stack
+    from modal_jobs.serving.inference import Stack
 
     return Stack.deployed(load_config(), Volumes.local())
 
 
 def _read_image(path: str) -> Any:
-    from modal_jobs.serve import load_image
+    from modal_jobs.serving.serve import load_image
 
     file = Path(path)
     if not file.is_file():
@@ -242,7 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve /route, /infer and /health over HTTP until interrupted."""
     import logging
 
-    from modal_jobs.serve import MoleServer
+    from modal_jobs.serving.serve import MoleServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     server = MoleServer((args.host, args.port), _stack())

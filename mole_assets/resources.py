@@ -9,10 +9,10 @@ from typing import Any
 import dagster as dg
 from dagster_modal import ModalClient
 
-from modal_jobs.compute import STAGE_LAUNCHES, modal_plan, stage_command, train_procs
 from modal_jobs.config import ConfigError, MoleConfig, load_config
+from modal_jobs.launch.compute import STAGE_LAUNCHES, modal_plan, stage_command, train_procs
+from modal_jobs.launch.pipes import BAD_INPUT_EXTRA
 from modal_jobs.layout import Volumes, mole_home
-from modal_jobs.pipes import BAD_INPUT_EXTRA
 from modal_jobs.stage import StageSpec
 
 BACKENDS = ("local", "modal")
@@ -38,9 +38,9 @@ def raise_bad_input(message_file: Path) -> None:
 class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Config dir, `MOLE_HOME` and backend; launches stages as Pipes subprocesses.
 
-    `local`: `python -m modal_jobs.<stage>` (training under `torchrun` when `MOLE_TRAIN_PROCS`
-    is above 1). `modal`: `dagster_modal.ModalClient` runs
-    `modal run modal_jobs/mole_app.py::<entrypoint>` (see `modal_jobs/cloud.py`).
+    `local`: `python -m modal_jobs.stages.<stage>` (training under `torchrun` when
+    `MOLE_TRAIN_PROCS` is above 1). `modal`: `dagster_modal.ModalClient` runs
+    `modal run modal_jobs/mole_app.py::<entrypoint>` (see `modal_jobs/launch/cloud.py`).
 
     Empty fields fall back to `MOLE_CONFIG_DIR`, `MOLE_HOME` and `MOLE_BACKEND`.
     """

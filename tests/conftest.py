@@ -114,7 +114,7 @@ def tiny_base(mole_home: Path) -> str:
     """
     from modal_jobs.config import load_config
     from modal_jobs.layout import Volumes
-    from modal_jobs.presets import resolve_base
+    from modal_jobs.ml.presets import resolve_base
 
     config = load_config(REPO / "config")
     models = Volumes.local(mole_home).models

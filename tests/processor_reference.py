@@ -1,4 +1,4 @@
-"""The processor-driven preprocessing that `modal_jobs.batching` replaced, kept as the reference.
+"""The processor-driven preprocessing that `modal_jobs.ml.batching` replaced, kept as the reference.
 
 `encode_reference` is the former `encode`: the screenshot resized with `smart_resize`, then the
 full `Qwen3VLProcessor(text=..., images=...)` call (which also normalises and patchifies pixels,
@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from modal_jobs.batching import Encoded, conversation
 from modal_jobs.config import ImageBounds
+from modal_jobs.ml.batching import Encoded, conversation
 
 
 def encode_reference(

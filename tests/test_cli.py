@@ -168,7 +168,7 @@ def test_materialize_dry_select_and_mode(dry_env: Path, capsys: pytest.CaptureFi
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("routing_dataset: ")
-    assert "-m modal_jobs.dataset" in lines[0]
+    assert "-m modal_jobs.stages.dataset" in lines[0]
     assert lines[1] == "router_checkpoint mode: fast"
     assert not Volumes.local(dry_env).run("dry2").root.exists()
 

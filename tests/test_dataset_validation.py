@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
-from modal_jobs import dataset
+from modal_jobs.artifacts import SPLITS, read_split
 from modal_jobs.config import load_config
-from modal_jobs.dataset import SPLITS, DatasetError, read_split
 from modal_jobs.hashing import expert_version
 from modal_jobs.layout import Volumes
 from modal_jobs.stage import StageSpec
+from modal_jobs.stages import dataset
+from modal_jobs.stages.dataset import DatasetError
 
 from .conftest import MakeConfig, copy_experts
 

@@ -24,10 +24,10 @@ import dagster as dg
 import pytest
 from safetensors.torch import load_file
 
-from modal_jobs import dataset, shards, train
 from modal_jobs.config import ConfigError, load_config
 from modal_jobs.layout import Volumes
 from modal_jobs.stage import StageSpec
+from modal_jobs.stages import dataset, shards, train
 from mole_assets.assets import router_checkpoint
 from mole_assets.resources import MoleResource
 
@@ -153,10 +153,10 @@ def test_local_backend_plans_torchrun_for_training_only(monkeypatch: pytest.Monk
     monkeypatch.setenv("MOLE_TRAIN_PROCS", "2")
     torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2"
     assert resource.plan("train", "x", "router_checkpoint")["command"] == (
-        f"{torchrun} -m modal_jobs.train"
+        f"{torchrun} -m modal_jobs.stages.train"
     )
     evaluate = resource.plan("evaluate", "x", "eval_report")["command"]
-    assert evaluate == f"{sys.executable} -m modal_jobs.evaluate"
+    assert evaluate == f"{sys.executable} -m modal_jobs.stages.evaluate"
     monkeypatch.setenv("MOLE_TRAIN_PROCS", "two")
     with pytest.raises(ConfigError, match="MOLE_TRAIN_PROCS='two' is not a process count"):
         resource.plan("train", "x", "router_checkpoint")

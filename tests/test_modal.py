@@ -19,10 +19,10 @@ import modal
 import pytest
 from dagster_modal import ModalClient
 
-from modal_jobs import cloud, compute
 from modal_jobs.config import load_config
+from modal_jobs.launch import cloud, compute
 from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, Volumes
-from modal_jobs.train import TrainSpec
+from modal_jobs.stages.train import TrainSpec
 from mole_assets.assets import router_assets
 from mole_assets.cli import main
 from mole_assets.partitions import RUN_NAMES
@@ -202,8 +202,8 @@ def _materialize(instance: dg.DagsterInstance, config_dir: Path, run: str, backe
 
 def _routing_dataset(config_dir: Path, local: Volumes, cloud_data: Path) -> None:
     """Both runs' routing dataset: built once, and `cmp-modal`'s copy put where the cloud is."""
-    from modal_jobs import dataset
     from modal_jobs.stage import StageSpec
+    from modal_jobs.stages import dataset
 
     spec = StageSpec(run="cmp-local", config=load_config(config_dir), volumes=local)
     dataset.run(spec)

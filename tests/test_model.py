@@ -8,11 +8,11 @@ import torch
 from peft import get_peft_model
 from transformers import Qwen3VLForConditionalGeneration
 
-from modal_jobs.batching import collate, encode
 from modal_jobs.config import ImageBounds, LoraSpec
 from modal_jobs.demo_data import render_sample
-from modal_jobs.model import PatchMatmul, Runtime, load_base, load_processor, lora_config
-from modal_jobs.routing import slot_logits
+from modal_jobs.ml.batching import collate, encode
+from modal_jobs.ml.model import PatchMatmul, Runtime, load_base, load_processor, lora_config
+from modal_jobs.ml.routing import slot_logits
 
 
 def test_patch_embedding_matmul_matches_the_conv(tiny_base: str) -> None:

@@ -15,12 +15,14 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
-from modal_jobs import dataset, shards
-from modal_jobs.batching import Encoded, collate, encode, read_screen, vision_inputs
+from modal_jobs import artifacts
 from modal_jobs.config import ConfigError, ImageBounds, load_config
 from modal_jobs.layout import Volumes
-from modal_jobs.model import load_processor
+from modal_jobs.ml import shard_files
+from modal_jobs.ml.batching import Encoded, collate, encode, read_screen, vision_inputs
+from modal_jobs.ml.model import load_processor
 from modal_jobs.stage import StageSpec
+from modal_jobs.stages import dataset, shards
 from tests.conftest import MakeConfig
 from tests.processor_reference import encode_reference, vision_reference
 
@@ -169,13 +171,13 @@ def test_load_split_reads_samples_lazily(
     monkeypatch.setattr(shards, "SHARD_SIZE", 5)  # several shards per split
     shards.run(small_run)
     folder = small_run.layout.shards
-    index = shards.read_index(folder)
+    index = artifacts.read_index(folder)
     files = index["splits"]["train"]["files"]
     assert len(files) > 1
-    eager = [item for f in files for item in shards.unpack(load_file(str(folder / f["name"])))]
-    split = shards.load_split(folder, index, "train")
+    eager = [item for f in files for item in shard_files.unpack(load_file(str(folder / f["name"])))]
+    split = shard_files.load_split(folder, index, "train")
     assert len(split.items) == len(eager) == len(split.classes)
-    assert isinstance(split.items, shards.SplitSamples)
+    assert isinstance(split.items, shard_files.SplitSamples)
     for shard in split.items.shards:
         assert "pixels" not in shard.arrays  # pixels stay in the mapped file until asked for
     for n, item in enumerate(split.items):

@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from modal_jobs import dataset, deploy, evaluate, shards, train
 from modal_jobs.config import load_config
 from modal_jobs.layout import Volumes
+from modal_jobs.serving import registry as deployments
 from modal_jobs.stage import StageSpec
+from modal_jobs.stages import dataset, deploy, evaluate, shards, train
 
 from .conftest import REPO, MakeConfig, copy_experts, write_config
 
@@ -59,7 +60,7 @@ def prepared(
 def stage_process(stage: str, spec: dict[str, Any], spec_file: Path) -> subprocess.Popen[str]:
     spec_file.write_text(json.dumps(spec))
     return subprocess.Popen(
-        [sys.executable, "-m", f"modal_jobs.{stage}", "--spec", str(spec_file)],
+        [sys.executable, "-m", f"modal_jobs.stages.{stage}", "--spec", str(spec_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -100,10 +101,10 @@ def test_damaged_resume_point_falls_back_to_the_one_before(prepared: Prepared) -
     import torch
     from peft import get_peft_model
 
-    from modal_jobs.model import Runtime, load_base, lora_config
-    from modal_jobs.optim import adamw
-    from modal_jobs.shards import read_index
-    from modal_jobs.train import resume, save_state
+    from modal_jobs.artifacts import read_index
+    from modal_jobs.ml.model import Runtime, load_base, lora_config
+    from modal_jobs.ml.optim import adamw
+    from modal_jobs.stages.train import resume, save_state
 
     base = read_index(prepared.spec.layout.shards)["base"]
     model = get_peft_model(
@@ -120,7 +121,7 @@ def test_damaged_resume_point_falls_back_to_the_one_before(prepared: Prepared) -
 
 
 def _registry_is_consistent(volumes: Volumes) -> None:
-    registry = deploy.read_registry(volumes)
+    registry = deployments.read_registry(volumes)
     if registry["current"] is None:
         return
     folder = volumes.routers / registry["current"]
@@ -146,7 +147,7 @@ def test_kill_during_deploy_never_serves_a_mix_and_rollback_restores(
     # Seed: an inference volume whose current router is "previous-000" (a complete copy).
     seed_spec = _seeded_inference_empty(tmp_path / "seed", prepared.spec)
     deploy.run(seed_spec)
-    version = deploy.read_registry(seed_spec.volumes)["current"]
+    version = deployments.read_registry(seed_spec.volumes)["current"]
     (seed_spec.volumes.routers / version).rename(seed_spec.volumes.routers / "previous-000")
     seed_spec.volumes.registry.write_text(
         json.dumps(
@@ -161,7 +162,7 @@ def test_kill_during_deploy_never_serves_a_mix_and_rollback_restores(
     process = stage_process("deploy", clean.model_dump(mode="json"), tmp_path / "deploy.json")
     assert process.wait(timeout=300) == 0
     duration = time.monotonic() - began
-    assert deploy.read_registry(clean.volumes)["current"] == version
+    assert deployments.read_registry(clean.volumes)["current"] == version
     for step, fraction in enumerate((0.6, 0.8, 0.9, 0.95, 0.98)):
         spec = _seeded_inference(tmp_path / "seed", tmp_path / f"kill{step}", prepared.spec)
         process = stage_process("deploy", spec.model_dump(mode="json"), tmp_path / "deploy.json")
@@ -169,9 +170,9 @@ def test_kill_during_deploy_never_serves_a_mix_and_rollback_restores(
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
-        assert deploy.read_registry(spec.volumes)["current"] in ("previous-000", version)
+        assert deployments.read_registry(spec.volumes)["current"] in ("previous-000", version)
         _registry_is_consistent(spec.volumes)
-    assert deploy.rollback(clean.volumes) == "previous-000"
+    assert deployments.rollback(clean.volumes) == "previous-000"
     _registry_is_consistent(clean.volumes)
 
 

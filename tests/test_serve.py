@@ -23,11 +23,11 @@ import dagster as dg
 import pytest
 from PIL import Image
 
-from modal_jobs.calibration import ECE_BINS
 from modal_jobs.config import load_config
 from modal_jobs.demo_data import render_sample
-from modal_jobs.inference import Stack
 from modal_jobs.layout import Volumes
+from modal_jobs.ml.calibration import ECE_BINS
+from modal_jobs.serving.inference import Stack
 
 from .conftest import fresh_instance, write_config
 from .test_graph import _materialize
@@ -122,7 +122,7 @@ def test_infer_runs_the_routed_expert_adapter(deployed: Deployed) -> None:
     stack = Stack.deployed(load_config(deployed.config_dir), deployed.volumes)
     with Image.open(screen) as image:
         rgb = image.convert("RGB")
-    from modal_jobs.batching import encode
+    from modal_jobs.ml.batching import encode
 
     item = encode(stack.processor, rgb, stack.router.bounds, None, prompt, None)
     with stack.adapter(answer["adapter"]):

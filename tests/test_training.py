@@ -13,15 +13,15 @@ import torch
 from peft import get_peft_model
 
 from modal_jobs import demo_data
-from modal_jobs.batching import Encoded, answer_loss, collate, encode
 from modal_jobs.config import ConfigError, ImageBounds, load_config
-from modal_jobs.distributed import Ranks
-from modal_jobs.loader import LengthGrouped, loader_workers, step_batches
-from modal_jobs.loss import AnswerLoss
-from modal_jobs.model import Runtime, causal_lm, load_base, load_processor, lora_config
-from modal_jobs.shards import Split
-from modal_jobs.train import Hyper, batch_plan
-from modal_jobs.vision_cache import SAMPLE_IDS, VisionCache
+from modal_jobs.ml.batching import Encoded, answer_loss, collate, encode
+from modal_jobs.ml.distributed import Ranks
+from modal_jobs.ml.loader import LengthGrouped, loader_workers, step_batches
+from modal_jobs.ml.loss import AnswerLoss
+from modal_jobs.ml.model import Runtime, causal_lm, load_base, load_processor, lora_config
+from modal_jobs.ml.shard_files import Split
+from modal_jobs.ml.vision_cache import SAMPLE_IDS, VisionCache
+from modal_jobs.stages.train import Hyper, batch_plan
 
 from .conftest import REPO
 

@@ -1,4 +1,4 @@
-"""`python -m modal_jobs.train` that also records which rank wrote what.
+"""`python -m modal_jobs.stages.train` that also records which rank wrote what.
 
 Run under `torchrun` by tests/test_distributed.py: the real stage runs unchanged, and every call
 of the real `save_state` (a resume point) and `publish` (the adapter) is appended, with the
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modal_jobs import train
-from modal_jobs.pipes import main
+from modal_jobs.launch.pipes import main
+from modal_jobs.stages import train
 
 WRITES_ENV = "MOLE_TEST_WRITES"
 

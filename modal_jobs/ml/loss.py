@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from modal_jobs.batching import IGNORE_INDEX
-from modal_jobs.model import causal_lm
-from modal_jobs.vision_cache import encoder_outputs
+from modal_jobs.ml.batching import IGNORE_INDEX
+from modal_jobs.ml.model import causal_lm
+from modal_jobs.ml.vision_cache import encoder_outputs
 
 
 class AnswerLoss(torch.nn.Module):

@@ -21,12 +21,12 @@ from typing import Any
 
 from PIL import Image
 
+from modal_jobs.artifacts import SPLITS, read_split
 from modal_jobs.atomic import atomic_dir, write_json
 from modal_jobs.errors import MoleError
 from modal_jobs.hashing import combine, expert_version, file_sha256
 from modal_jobs.stage import Check, StageResult, StageSpec, json_value, md, number, path_value
 
-SPLITS = ("train", "val", "eval")
 MAX_IMAGE_PIXELS = 50_000_000
 MAX_REPORTED = 25
 
@@ -320,12 +320,6 @@ def _row(staging: Path, record: Record, label: str) -> dict[str, Any]:
     }
 
 
-def read_split(dataset_dir: Path, split: str) -> list[dict[str, Any]]:
-    """Rows of one split of a written routing dataset."""
-    path = dataset_dir / f"{split}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _result(spec: StageSpec, manifest: dict[str, Any]) -> StageResult:
     root = spec.layout.dataset
     counts = manifest["counts"]
@@ -381,6 +375,6 @@ def verify(root: Path, spec: StageSpec) -> list[Check]:
 
 
 if __name__ == "__main__":
-    from modal_jobs.pipes import main
+    from modal_jobs.launch.pipes import main
 
     main(run, StageSpec)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from modal_jobs.model import causal_lm
+from modal_jobs.ml.model import causal_lm
 
 # The most memory the cache may take on the training device (estimated before training).
 BUDGET_BYTES = 4 * 2**30

@@ -6,13 +6,12 @@ base), so the report shows how much routing the training added. Written atomical
 `risk_coverage.png`.
 
 The router is also a calibrated classifier: a temperature fitted on the val split (see
-modal_jobs/calibration.py) is reported with ECE before and after, and the stacked system is
+modal_jobs/ml/calibration.py) is reported with ECE before and after, and the stacked system is
 compared end to end on the eval answers: routed expert vs oracle expert vs the bare base.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,20 +20,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from modal_jobs import plots
+from modal_jobs.artifacts import read_index, read_split, require_adapters
 from modal_jobs.atomic import atomic_dir, write_json
-from modal_jobs.batching import Encoded, encode
-from modal_jobs.calibration import ECE_BINS, fit_temperature, reliability, risk_coverage, softmax
 from modal_jobs.config import ImageBounds
-from modal_jobs.dataset import read_split
-from modal_jobs.experts import require_adapters
 from modal_jobs.hashing import file_sha256
-from modal_jobs.inference import ROUTER_ADAPTER, RouterInfo, Stack
-from modal_jobs.labels import LabelMap
-from modal_jobs.metrics import classification_report, markdown_table
-from modal_jobs.model import Runtime
-from modal_jobs.routing import Scores, score
-from modal_jobs.shards import load_split, read_index
+from modal_jobs.ml import plots
+from modal_jobs.ml.batching import Encoded, encode
+from modal_jobs.ml.calibration import ECE_BINS, fit_temperature, reliability, risk_coverage, softmax
+from modal_jobs.ml.labels import LabelMap
+from modal_jobs.ml.metrics import classification_report, markdown_table
+from modal_jobs.ml.model import Runtime
+from modal_jobs.ml.routing import Scores, score
+from modal_jobs.ml.shard_files import load_split
+from modal_jobs.serving.inference import ROUTER_ADAPTER, RouterInfo, Stack
 from modal_jobs.stage import (
     Check,
     StageResult,
@@ -237,11 +235,6 @@ def _end_to_end_line(section: dict[str, Any] | None) -> str:
     )
 
 
-def read_report(spec: StageSpec) -> dict[str, Any]:
-    """The run's report.json."""
-    return dict(json.loads((spec.layout.report / "report.json").read_text()))
-
-
 def _result(spec: StageSpec, report: dict[str, Any]) -> StageResult:
     png = (spec.layout.report / "confusion_matrix.png").read_bytes()
     calibration, latency = report["calibration"], report["latency_batch1"]
@@ -282,6 +275,6 @@ def _result(spec: StageSpec, report: dict[str, Any]) -> StageResult:
 
 
 if __name__ == "__main__":
-    from modal_jobs.pipes import main
+    from modal_jobs.launch.pipes import main
 
     main(run, StageSpec)

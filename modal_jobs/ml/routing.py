@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from modal_jobs.batching import Encoded, collate
-from modal_jobs.calibration import softmax
 from modal_jobs.config import ImageBounds
-from modal_jobs.model import causal_lm
+from modal_jobs.ml.batching import Encoded, collate
+from modal_jobs.ml.calibration import softmax
+from modal_jobs.ml.model import causal_lm
 
 
 @dataclass(frozen=True)

@@ -21,25 +21,18 @@ import torch
 from peft import get_peft_model
 from PIL import Image
 
+from modal_jobs.artifacts import ExpertsError, adapter_paths, managed, read_index, read_split
 from modal_jobs.atomic import atomic_dir, write_json
-from modal_jobs.batching import Encoded, answer_loss, collate, encode
-from modal_jobs.config import ImageBounds, MoleConfig
-from modal_jobs.dataset import read_split
-from modal_jobs.errors import MoleError
+from modal_jobs.config import ImageBounds
 from modal_jobs.hashing import combine, file_sha256
-from modal_jobs.layout import Volumes
-from modal_jobs.model import Runtime, load_base, load_processor, lora_config
-from modal_jobs.optim import adamw, optimizer_step
-from modal_jobs.shards import read_index
+from modal_jobs.ml.batching import Encoded, answer_loss, collate, encode
+from modal_jobs.ml.model import Runtime, load_base, load_processor, lora_config
+from modal_jobs.ml.optim import adamw, optimizer_step
 from modal_jobs.stage import StageResult, StageSpec, json_value, number, path_value
 
 log = logging.getLogger(__name__)
 
 TEST_STEPS = 4
-
-
-class ExpertsError(MoleError):
-    """A registered expert adapter is missing or cannot be trained."""
 
 
 class ExpertsSpec(StageSpec):
@@ -50,44 +43,6 @@ class ExpertsSpec(StageSpec):
     batch_size: int = 8
     learning_rate: float = 0.003
     seed: int = 0
-
-
-def adapter_paths(config: MoleConfig, volumes: Volumes) -> dict[str, Path]:
-    """Every registered expert's adapter folder (relative paths are on the inference volume)."""
-    return {
-        name: (volumes.inference / entry.adapter).resolve()
-        for name, entry in sorted(config.loras.experts.items())
-    }
-
-
-def managed(config: MoleConfig) -> dict[str, str]:
-    """Registered experts whose adapter mole trains: expert → routing-dataset expert."""
-    out = {}
-    for name, entry in sorted(config.loras.experts.items()):
-        if Path(entry.adapter).is_absolute():
-            continue
-        source = entry.dataset or name
-        if source not in config.dataset.experts:
-            raise ExpertsError(
-                f"{config.config_dir / 'loras.json'}: experts.{name}.dataset {source!r} is not an "
-                "expert of dataset.yaml; fix: name one of "
-                f"{sorted(config.dataset.experts)} or give an absolute adapter path"
-            )
-        out[name] = source
-    return out
-
-
-def require_adapters(config: MoleConfig, volumes: Volumes) -> dict[str, Path]:
-    """`adapter_paths`, failing clearly when a registered adapter folder is missing."""
-    paths = adapter_paths(config, volumes)
-    for name, path in paths.items():
-        if not (path / "adapter_config.json").is_file():
-            raise ExpertsError(
-                f"{config.config_dir / 'loras.json'}: expert {name!r} adapter {path} does not "
-                "exist; fix: materialize `expert_adapters` (mole materialize RUN) or correct "
-                f"experts.{name}.adapter"
-            )
-    return paths
 
 
 def run(spec: ExpertsSpec) -> StageResult:
@@ -176,6 +131,6 @@ def _result(
 
 
 if __name__ == "__main__":
-    from modal_jobs.pipes import main
+    from modal_jobs.launch.pipes import main
 
     main(run, ExpertsSpec)

@@ -23,14 +23,15 @@ import torch
 from peft import PeftModel
 from PIL import Image
 
-from modal_jobs.batching import Encoded, collate, encode
-from modal_jobs.calibration import softmax
+from modal_jobs.artifacts import require_adapters
 from modal_jobs.config import ImageBounds, MoleConfig
-from modal_jobs.experts import require_adapters
-from modal_jobs.labels import LabelMap
 from modal_jobs.layout import Volumes
-from modal_jobs.model import Runtime, load_base, load_processor
-from modal_jobs.routing import score
+from modal_jobs.ml.batching import Encoded, collate, encode
+from modal_jobs.ml.calibration import softmax
+from modal_jobs.ml.labels import LabelMap
+from modal_jobs.ml.model import Runtime, load_base, load_processor
+from modal_jobs.ml.routing import score
+from modal_jobs.serving.registry import current_router
 
 # Adapter names inside the PeftModel; experts use their own names, which may not start with "_".
 ROUTER_ADAPTER = "_router"
@@ -39,7 +40,7 @@ MAX_NEW_TOKENS = 48
 
 @dataclass(frozen=True)
 class RouterInfo:
-    """What `router.json` of a deployed router says (see modal_jobs/deploy.py)."""
+    """What `router.json` of a deployed router says (see modal_jobs/stages/deploy.py)."""
 
     folder: Path
     base: str
@@ -115,9 +116,6 @@ class Stack:
     @classmethod
     def deployed(cls, config: MoleConfig, volumes: Volumes) -> Stack:
         """The currently deployed router plus every expert registered in loras.json."""
-        # deploy → evaluate → inference: imported here to keep that chain acyclic.
-        from modal_jobs.deploy import current_router
-
         router = RouterInfo.load(current_router(volumes))
         return cls(router, require_adapters(config, volumes), Runtime.detect())
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from modal_jobs.batching import conversation
 from modal_jobs.config import DatasetConfig
 from modal_jobs.errors import MoleError
+from modal_jobs.ml.batching import conversation
 
 
 class LabelError(MoleError):

@@ -6,10 +6,10 @@ Reads top to bottom: spec → data → model → optimizer → loop → checkpoi
 The published output is `adapter_config.json` + `adapter_model.safetensors`, loadable with
 vanilla `peft.PeftModel.from_pretrained` onto the saved base.
 
-Throughput: batches are length-grouped (`modal_jobs/loader.py`) and, on a GPU, collated ahead
-by loader workers; the vocabulary projection runs only at answer positions (`modal_jobs/loss.py`);
+Throughput: batches are length-grouped (`modal_jobs/ml/loader.py`) and, on a GPU, collated ahead
+by loader workers; the vocabulary projection runs only at answer positions (`ml/loss.py`);
 bf16 and flash-attention (`Runtime`) and gradient checkpointing on GPU; and `torchrun` runs it
-data-parallel (`modal_jobs/distributed.py`) with the same result as one process.
+data-parallel (`modal_jobs/ml/distributed.py`) with the same result as one process.
 """
 
 from __future__ import annotations
@@ -31,17 +31,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 
-from modal_jobs import plots
+from modal_jobs.artifacts import read_index
 from modal_jobs.atomic import atomic_dir, write_json
-from modal_jobs.batching import collate
 from modal_jobs.config import ConfigError, ImageBounds
-from modal_jobs.distributed import Ranks, agree, all_sum, barrier, data_parallel, process_group
 from modal_jobs.hashing import file_sha256
-from modal_jobs.loader import LengthGrouped, loader_workers, step_batches
-from modal_jobs.loss import AnswerLoss
-from modal_jobs.model import Runtime, causal_lm, load_base, load_processor, lora_config
-from modal_jobs.optim import adamw, optimizer_step
-from modal_jobs.shards import Split, load_split, read_index
+from modal_jobs.ml import plots
+from modal_jobs.ml.batching import collate
+from modal_jobs.ml.distributed import Ranks, agree, all_sum, barrier, data_parallel, process_group
+from modal_jobs.ml.loader import LengthGrouped, loader_workers, step_batches
+from modal_jobs.ml.loss import AnswerLoss
+from modal_jobs.ml.model import Runtime, causal_lm, load_base, load_processor, lora_config
+from modal_jobs.ml.optim import adamw, optimizer_step
+from modal_jobs.ml.shard_files import Split, load_split
+from modal_jobs.ml.vision_cache import SAMPLE_IDS, VisionCache, worth_caching
 from modal_jobs.stage import (
     StageResult,
     StageSpec,
@@ -51,7 +53,6 @@ from modal_jobs.stage import (
     png_markdown,
     text,
 )
-from modal_jobs.vision_cache import SAMPLE_IDS, VisionCache, worth_caching
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def train_loop(
 
 
 def cache_vision(model: Any, batches: Batches, hyper: Hyper) -> bool:
-    """Whether to keep the frozen vision outputs per sample (`modal_jobs/vision_cache.py`)."""
+    """Whether to keep the frozen vision outputs per sample (`modal_jobs/ml/vision_cache.py`)."""
     merge = causal_lm(model).config.vision_config.spatial_merge_size ** 2
     tokens = int(batches.split.grids.prod(axis=1).sum()) // merge
     return worth_caching(model, tokens, hyper.steps * hyper.batch_size, len(batches.split.items))
@@ -464,6 +465,6 @@ def _result(
 
 
 if __name__ == "__main__":
-    from modal_jobs.pipes import main
+    from modal_jobs.launch.pipes import main
 
     main(run, TrainSpec)

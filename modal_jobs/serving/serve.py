@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from modal_jobs.errors import MoleError
-from modal_jobs.inference import Stack
+from modal_jobs.serving.inference import Stack
 
 log = logging.getLogger(__name__)
 

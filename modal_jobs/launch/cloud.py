@@ -25,10 +25,10 @@ from typing import Any
 from dagster_pipes import open_dagster_pipes
 from modal.exception import NotFoundError
 
-from modal_jobs.compute import STAGE_LAUNCHES, cost_metadata, functions
 from modal_jobs.hashing import file_sha256
+from modal_jobs.launch.compute import STAGE_LAUNCHES, cost_metadata, functions
+from modal_jobs.launch.pipes import forward_logs, report
 from modal_jobs.layout import DATA_VOLUME, Volumes
-from modal_jobs.pipes import forward_logs, report
 from modal_jobs.stage import StageResult, StageSpec
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _drive(asset: str, spec: dict[str, Any], remotes: Remotes) -> StageResult:
 
 def _dataset(spec: dict[str, Any], remotes: Remotes) -> dict[str, Any]:
     """Build the routing dataset here, where the expert data is, then upload it."""
-    from modal_jobs import dataset
+    from modal_jobs.stages import dataset
 
     local = StageSpec.model_validate(spec)
     result = dataset.run(local)
@@ -99,7 +99,7 @@ def _shards(spec: dict[str, Any], remotes: Remotes) -> dict[str, Any]:
 
 def _train(spec: dict[str, Any], remotes: Remotes) -> dict[str, Any]:
     """Train on a GPU container; a retried (preempted) call resumes from the volume."""
-    from modal_jobs.train import TrainSpec
+    from modal_jobs.stages.train import TrainSpec
 
     sent = container_spec(spec)
     resume = TrainSpec.model_validate(sent).layout.resume

@@ -1,4 +1,4 @@
-"""Running a stage as `python -m modal_jobs.<stage>`: under Dagster Pipes, or by hand.
+"""Running a stage as `python -m modal_jobs.stages.<stage>`: under Dagster Pipes, or by hand.
 
 Under Pipes the spec arrives in the Pipes extras, logs stream to Dagster and the `StageResult`
 becomes the materialization (metadata, data version) and asset-check results. Without Dagster,
@@ -27,8 +27,8 @@ from dagster_pipes import (
     open_dagster_pipes,
 )
 
-from modal_jobs.compute import Gpu, cost_metadata
 from modal_jobs.errors import MoleError
+from modal_jobs.launch.compute import Gpu, cost_metadata
 from modal_jobs.stage import StageResult, StageSpec
 
 S = TypeVar("S", bound=StageSpec)

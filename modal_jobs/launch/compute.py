@@ -86,15 +86,15 @@ def train_procs() -> int:
 
 
 def stage_command(module: str, procs: int = 1) -> list[str]:
-    """The command running `modal_jobs.<module>`: plain Python, or `torchrun` for `procs` > 1.
+    """The command running `modal_jobs.stages.<module>`: Python, or `torchrun` for `procs` > 1.
 
     `--standalone` lets torchrun pick a free rendezvous port, so concurrent jobs on one machine
     do not collide on the default one.
     """
     if procs == 1:
-        return [sys.executable, "-m", f"modal_jobs.{module}"]
+        return [sys.executable, "-m", f"modal_jobs.stages.{module}"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    return [*torchrun, f"--nproc_per_node={procs}", "-m", f"modal_jobs.{module}"]
+    return [*torchrun, f"--nproc_per_node={procs}", "-m", f"modal_jobs.stages.{module}"]
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoP
 
 from modal_jobs import demo_data
 from modal_jobs.atomic import atomic_dir, write_json
-from modal_jobs.batching import Encoded, answer_loss, collate, encode
 from modal_jobs.config import ModelPreset, PretrainSpec
-from modal_jobs.optim import adamw, optimizer_step
+from modal_jobs.ml.batching import Encoded, answer_loss, collate, encode
+from modal_jobs.ml.optim import adamw, optimizer_step
 
 log = logging.getLogger(__name__)
 
