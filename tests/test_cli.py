@@ -153,7 +153,7 @@ def test_materialize_dry_prints_plan_and_runs_nothing(
     run_root = Volumes.local(dry_env).run("dry1").root
     for line, (asset, module) in zip(lines, STAGE_MODULES, strict=True):
         plan = json.loads(line.split(": ", 1)[1])
-        assert plan["command"] == f"{sys.executable} -m modal_jobs.{module}", asset
+        assert plan["command"] == f"{sys.executable} -m modal_jobs.stages.{module}", asset
         assert plan["run_root"] == str(run_root)
         assert plan["backend"] == "local"
     assert not run_root.exists()
