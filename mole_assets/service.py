@@ -20,7 +20,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mole_assets.instance import DEPLOY_DIR, service_home
+from modal_jobs.layout import mole_home
+from mole_assets.instance import DEPLOY_DIR, PG_URL_ENV, service_home
 from mole_assets.webserver import REPO, free_port, stop_group, wait_until_up
 
 BIN = Path(sys.executable).parent
@@ -129,9 +130,12 @@ class Service:
 
 
 @contextlib.contextmanager
-def running(env: dict[str, str], log_dir: Path) -> Iterator[Service]:
-    """The three processes, started and answering; stopped afterwards, even on failure."""
-    service = Service(env, log_dir)
+def running(env: dict[str, str], log_dir: Path, web_port: int = 0) -> Iterator[Service]:
+    """The three processes, started and answering; stopped afterwards, even on failure.
+
+    `web_port` 0 picks a free port.
+    """
+    service = Service(env, log_dir, web_port or free_port())
     try:
         service.start_all()
         yield service
@@ -139,12 +143,31 @@ def running(env: dict[str, str], log_dir: Path) -> Iterator[Service]:
         service.stop_all()
 
 
-def serve_forever(pg_url: str, state_dir: Path) -> None:
-    """`make service`: run the three processes until interrupted."""
+def serve_forever(pg_url: str, state_dir: Path, web_port: int) -> None:
+    """Run the three processes until interrupted or one of them exits."""
     env = service_env(os.environ, pg_url, state_dir)
-    with running(env, state_dir / "service-logs") as service:
+    with running(env, state_dir / "service-logs", web_port) as service:
         print(f"mole service: {service.url} (logs in {service.log_dir})", flush=True)
         while all(p.poll() is None for p in service.processes.values()):
             time.sleep(1)
         stopped = [n for n, p in service.processes.items() if p.poll() is not None]
         raise SystemExit(f"mole service: {', '.join(stopped)} exited; see {service.log_dir}")
+
+
+def main() -> int:
+    """`make service`: the database from `MOLE_DAGSTER_PG_URL`, the UI on `UI_PORT` (3000)."""
+    pg_url = os.environ.get(PG_URL_ENV, "")
+    if not pg_url:
+        print(
+            f"make service needs {PG_URL_ENV}, e.g. "
+            "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DATABASE",
+            file=sys.stderr,
+        )
+        return 2
+    # Its own DAGSTER_HOME: the embedded instance keeps `MOLE_HOME/dagster`.
+    serve_forever(pg_url, mole_home() / "service", int(os.environ.get("UI_PORT", "3000")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

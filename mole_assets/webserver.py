@@ -70,11 +70,11 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with status {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with status {process.returncode}")
         if _answers(url):
             return
         time.sleep(0.5)
-    raise TimeoutError(f"{process.args} did not answer at {url} within {timeout:.0f}s")
+    raise TimeoutError(f"{process.args!r} did not answer at {url} within {timeout:.0f}s")
 
 
 def _answers(url: str) -> bool:
