@@ -26,6 +26,7 @@ import dagster as dg
 
 from modal_jobs.config import ConfigError
 from modal_jobs.hashing import FileHashIndex, combine
+from modal_jobs.stage import ExpertsMode, TrainMode
 from mole_assets.jobs import train_and_deploy_job, train_router_job
 from mole_assets.partitions import run_names
 from mole_assets.resources import MoleResource
@@ -34,7 +35,6 @@ QUIET_SECONDS_ENV = "MOLE_SENSOR_QUIET_SECONDS"
 DEFAULT_QUIET_SECONDS = 30.0
 INTERVAL_SECONDS_ENV = "MOLE_SENSOR_INTERVAL_SECONDS"
 TRAIN_MODE_ENV = "MOLE_SENSOR_TRAIN_MODE"
-TRAIN_MODES = ("full", "fast", "test")
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,17 @@ def train_run_config() -> dict[str, Any]:
     Raises:
         ConfigError: the variable names no training mode.
     """
-    mode = os.environ.get(TRAIN_MODE_ENV, "full")
-    if mode not in TRAIN_MODES:
-        raise ConfigError(f"{TRAIN_MODE_ENV}={mode!r}; fix: use one of {TRAIN_MODES}")
-    if mode == "full":
+    value = os.environ.get(TRAIN_MODE_ENV, TrainMode.full.value)
+    try:
+        mode = TrainMode(value)
+    except ValueError:
+        choices = [m.value for m in TrainMode]
+        raise ConfigError(f"{TRAIN_MODE_ENV}={value!r}; fix: use one of {choices}") from None
+    if mode is TrainMode.full:
         return {}
     # The demo experts have no 20-step variant: `fast` and `test` both train a handful.
-    ops = {"router_checkpoint": {"config": {"mode": mode}}}
-    return {"ops": {**ops, "expert_adapters": {"config": {"mode": "test"}}}}
+    ops = {"router_checkpoint": {"config": {"mode": mode.value}}}
+    return {"ops": {**ops, "expert_adapters": {"config": {"mode": ExpertsMode.test.value}}}}
 
 
 @dg.sensor(

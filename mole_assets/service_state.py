@@ -89,8 +89,8 @@ def events(instance: dg.DagsterInstance, run_id: str, *types: DagsterEventType) 
 
 
 def went_through_queue(instance: dg.DagsterInstance, run_id: str) -> bool:
-    """Whether the run was enqueued and then dequeued (by the daemon) before it started."""
-    kinds = (DagsterEventType.RUN_ENQUEUED, DagsterEventType.RUN_DEQUEUED)
+    """Whether the run was enqueued, then launched (by the daemon's queue) once."""
+    kinds = (DagsterEventType.RUN_ENQUEUED, DagsterEventType.RUN_STARTING)
     return [e.dagster_event_type for e in events(instance, run_id, *kinds)] == list(kinds)
 
 

@@ -95,7 +95,7 @@ def exercise(client: DagsterGraphQLClient, experts: Path) -> dict[str, Any]:
         "storage": "postgres" if storage.startswith("Postgres") else storage,
         "sensor_runs": len(sensor_runs(instance)),
         "run_status": done.status.value,
-        "run_partition": done.partition_key,
+        "run_partition": done.tags.get("dagster/partition"),
         "queued": went_through_queue(instance, done.run_id),
         "manual_run_status": manual_done.status.value,
         "gpu_steps": len(spans),

@@ -4,7 +4,6 @@ pool across runs, a crash mid-run, and state surviving a restart of everything."
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -17,6 +16,9 @@ import pytest
 from dagster._core.events import DagsterEventType
 from dagster_graphql import DagsterGraphQLClient
 
+from modal_jobs.config import ConfigError
+from mole_assets.cli import main
+from mole_assets.instance import PG_URL_ENV, dagster_home, storage_of
 from mole_assets.partitions import RUN_NAMES
 from mole_assets.postgres import Postgres, throwaway
 from mole_assets.sensors import INTERVAL_SECONDS_ENV, QUIET_SECONDS_ENV, TRAIN_MODE_ENV
@@ -35,12 +37,14 @@ from mole_assets.service_state import (
     start_sensor,
     went_through_queue,
 )
+from scripts.prod_check import edit_one_sample, settle
 
 from .conftest import copy_experts, write_config
 
 COUNT = 8  # samples per expert: the queue, pool and crash are the subject, not the model
 # Long enough for a whole test-mode run (the retry inherits the parent's tags, this one too).
 CRASH_MAX_RUNTIME = 150
+PARTITION = "dagster/partition"
 
 
 @dataclass
@@ -61,9 +65,7 @@ def deployment(
 ) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("service")
     experts = copy_experts(experts_dir, root / "experts")
-    past = time.time() - 3600
-    for path in experts.rglob("*"):
-        os.utime(path, (past, past))
+    settle(experts)
     config = write_config(root / "config", experts, count=COUNT, min_accuracy=0.0)
     with throwaway() as postgres, pytest.MonkeyPatch.context() as patch:
         env = service_env(os.environ, postgres.url, root)
@@ -87,17 +89,8 @@ def launch(d: Deployment, run: str, tags: dict[str, str] | None = None) -> str:
     return d.client.submit_job_execution(
         "train_router",
         run_config=TEST_MODE_RUN_CONFIG,
-        tags={"dagster/partition": run, **(tags or {})},
+        tags={PARTITION: run, **(tags or {})},
     )
-
-
-def edit_first_sample(expert_dir: Path) -> None:
-    """A real content change (the instruction of one sample), still a valid dataset."""
-    jsonl = sorted(expert_dir.rglob("*.jsonl"))[0]
-    lines = jsonl.read_text().splitlines()
-    sample = json.loads(lines[0])
-    sample["messages"][0]["content"] += " (edited)"
-    jsonl.write_text("\n".join([json.dumps(sample), *lines[1:]]) + "\n")
 
 
 def test_sensor_in_the_daemon_starts_one_retrain_through_the_queue(deployment: Deployment) -> None:
@@ -109,13 +102,13 @@ def test_sensor_in_the_daemon_starts_one_retrain_through_the_queue(deployment: D
     )
     assert baseline.skip_reason == "baseline recorded"
     assert sensor_runs(instance) == []
-    edit_first_sample(d.experts / "terminal")
+    edit_one_sample(d.experts / "terminal")
     run = eventually(lambda: next(iter(sensor_runs(instance)), None), "the sensor's run")
     done = finished(instance, run.run_id)
     assert done.status == dg.DagsterRunStatus.SUCCESS, d.service.log("code-server")[-3000:]
     assert done.tags["mole/changed_experts"] == "terminal"
-    assert done.partition_key is not None and done.partition_key.startswith("auto-")
-    assert instance.has_dynamic_partition(RUN_NAMES, done.partition_key)
+    partition = done.tags[PARTITION]
+    assert partition.startswith("auto-") and instance.has_dynamic_partition(RUN_NAMES, partition)
     assert went_through_queue(instance, run.run_id)
     report = instance.get_latest_materialization_event(dg.AssetKey("eval_report"))
     assert report is not None and report.run_id == run.run_id
@@ -197,7 +190,7 @@ def data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
 def snapshot(instance: dg.DagsterInstance) -> dict[str, Any]:
     keys = instance.get_asset_keys()
     return {
-        "runs": {r.run_id: (r.status.value, r.partition_key) for r in instance.get_runs()},
+        "runs": {r.run_id: (r.status.value, r.tags.get(PARTITION)) for r in instance.get_runs()},
         "partitions": sorted(instance.get_dynamic_partitions(RUN_NAMES)),
         "versions": {k.to_user_string(): data_version(instance, k) for k in keys},
         "materialized": {k.to_user_string(): instance.get_materialized_partitions(k) for k in keys},
@@ -222,3 +215,26 @@ def test_runs_partitions_and_versions_survive_restarting_every_service(
     assert after == before
     # The restarted webserver serves the same history.
     assert d.client.get_run_status(observed) == dg.DagsterRunStatus.SUCCESS
+
+
+def test_cli_uses_the_service_database_and_keeps_no_state_in_its_folder(
+    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "cli-dagster"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv(PG_URL_ENV, deployment.postgres.url)
+    assert main(["runs", "add", "svc-cli"]) == 0
+    assert deployment.instance().has_dynamic_partition(RUN_NAMES, "svc-cli")
+    assert storage_of(home / "dagster.yaml") == "postgres"
+    assert sorted(p.name for p in home.iterdir()) == ["dagster.yaml"]
+
+
+def test_postgres_url_with_a_sqlite_instance_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.delenv(PG_URL_ENV, raising=False)
+    dagster_home()  # an embedded SQLite instance, written first
+    monkeypatch.setenv(PG_URL_ENV, "postgresql+psycopg2://mole@127.0.0.1:1/mole")
+    with pytest.raises(ConfigError, match=r"dagster\.yaml: MOLE_DAGSTER_PG_URL is set"):
+        dagster_home()
