@@ -111,7 +111,9 @@ def main() -> int:
         experts = root / "experts"
         write_demo_data(experts, PER_EXPERT, seed=0)
         settle(experts)
-        config = write_config(root / "config", experts, count=PER_EXPERT, min_accuracy=0.0)
+        config = write_config(
+            root / "config", experts, PER_EXPERT, min_accuracy=0.0, expert_adapters=False
+        )
         seed_models(root / "home")
         env = service_env(os.environ, pg.url, root)
         env.update(

@@ -128,11 +128,16 @@ def page(ui: Ui) -> Iterator[Page]:
         browser.close()
 
 
-def test_browser_shows_lineage_from_expert_datasets_to_deployed_router(ui: Ui, page: Page) -> None:
-    page.goto(f"{ui.url}/assets/deployed_router?view=lineage&lineageScope=upstream&lineageDepth=9")
+def open_page(page: Page, url: str, ready: str) -> None:
+    """Go to `url`, wait until `ready` is shown, then dismiss the first-visit dialog."""
+    page.goto(url)
+    page.get_by_text(ready, exact=True).first.wait_for(timeout=60_000)
     dismiss_dialogs(page)
-    graph = page.locator("[data-testid='asset-graph'], svg, .react-flow").first
-    graph.wait_for(timeout=60_000)
+
+
+def test_browser_shows_lineage_from_expert_datasets_to_deployed_router(ui: Ui, page: Page) -> None:
+    lineage = "/assets/deployed_router?view=lineage&lineageScope=upstream&lineageDepth=9"
+    open_page(page, ui.url + lineage, "deployed_router")
     for name in ["map", "calendar", *CHAIN, "expert_adapters", "deployed_router"]:
         node = page.get_by_text(name, exact=True).first
         node.wait_for(timeout=30_000)
@@ -141,13 +146,13 @@ def test_browser_shows_lineage_from_expert_datasets_to_deployed_router(ui: Ui, p
 
 def test_browser_shows_eval_report_accuracy_and_confusion_matrix(ui: Ui, page: Page) -> None:
     report = json.loads((ui.report_dir / "report.json").read_text())
-    page.goto(f"{ui.url}/assets/eval_report?view=events&partition={RUN}")
-    dismiss_dialogs(page)
-    accuracy = page.get_by_text("accuracy", exact=True).first
-    accuracy.wait_for(timeout=60_000)
+    open_page(page, f"{ui.url}/assets/eval_report?view=events&partition={RUN}", "accuracy")
     row = page.locator("tr", has=page.get_by_text("accuracy", exact=True)).first
     assert str(round(report["accuracy"], 4)) in row.inner_text()
-    image = page.locator("img[alt='confusion matrix']").first
+    # The figure is markdown metadata: a person opens it from its row.
+    figure = page.locator("tr", has=page.get_by_text("confusion_matrix", exact=True)).first
+    figure.get_by_text("[Show Markdown]").click()
+    image = page.get_by_role("dialog").locator("img[alt='confusion matrix']").first
     image.wait_for(timeout=30_000)
     assert image.evaluate("img => img.complete && img.naturalWidth > 0")
     src = image.get_attribute("src") or ""
