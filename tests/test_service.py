@@ -194,7 +194,11 @@ def data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
 def snapshot(instance: dg.DagsterInstance) -> dict[str, Any]:
     keys = instance.get_asset_keys()
     return {
-        "runs": {r.run_id: (r.status.value, r.tags.get(PARTITION)) for r in instance.get_runs()},
+        "runs": {
+            r.run_id: (r.status.value, r.tags.get(PARTITION))
+            for r in instance.get_runs()
+            if r.is_finished  # a retry the daemon starts meanwhile is not history yet
+        },
         "partitions": sorted(instance.get_dynamic_partitions(RUN_NAMES)),
         "versions": {k.to_user_string(): data_version(instance, k) for k in keys},
         "materialized": {k.to_user_string(): instance.get_materialized_partitions(k) for k in keys},
@@ -216,7 +220,10 @@ def test_runs_partitions_and_versions_survive_restarting_every_service(
     d.postgres.start()
     d.service.start_all()
     after = snapshot(d.instance())
-    assert after == before
+    assert {k: v for k, v in after["runs"].items() if k in before["runs"]} == before["runs"]
+    assert {k: v for k, v in after.items() if k != "runs"} == {
+        k: v for k, v in before.items() if k != "runs"
+    }
     # The restarted webserver serves the same history.
     assert d.client.get_run_status(observed) == dg.DagsterRunStatus.SUCCESS
 
