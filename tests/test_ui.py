@@ -62,7 +62,10 @@ def wait_for(client: DagsterGraphQLClient, run_id: str, timeout: float = 600) ->
 def ui(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path, tiny_base: str) -> Iterator[Ui]:
     """`dagster dev` on a fresh instance, with run `ui-run` trained through GraphQL."""
     root = tmp_path_factory.mktemp("ui")
-    config = write_config(root / "config", experts_dir, min_accuracy=0.0)
+    # Small and without expert adapters to train: the UI is the subject, not the model.
+    config = write_config(
+        root / "config", experts_dir, count=8, min_accuracy=0.0, expert_adapters=False
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DAGSTER_HOME", str(root / "dagster"))
         patch.setenv("MOLE_CONFIG_DIR", str(config))
