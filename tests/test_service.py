@@ -97,6 +97,7 @@ def launch(d: Deployment, run: str, tags: dict[str, str] | None = None) -> str:
     )
 
 
+@pytest.mark.timeout(1800)  # whole runs on a busy 2-core machine
 def test_sensor_in_the_daemon_starts_one_retrain_through_the_queue(deployment: Deployment) -> None:
     d = deployment
     start_sensor(d.client)
@@ -122,6 +123,7 @@ def test_sensor_in_the_daemon_starts_one_retrain_through_the_queue(deployment: D
     assert len(sensor_runs(instance)) == 1
 
 
+@pytest.mark.timeout(1800)  # whole runs on a busy 2-core machine
 def test_two_runs_at_once_take_turns_on_the_gpu_pool(deployment: Deployment) -> None:
     d = deployment
     run_ids = [launch(d, "svc-pool-a"), launch(d, "svc-pool-b")]
@@ -138,6 +140,7 @@ def test_two_runs_at_once_take_turns_on_the_gpu_pool(deployment: Deployment) -> 
     assert pool_waits(instance, run_ids) > 0, "no step ever waited for the gpu pool"
 
 
+@pytest.mark.timeout(1800)  # whole runs on a busy 2-core machine
 def test_crash_of_daemon_and_run_worker_is_resolved_by_monitoring_and_retried(
     deployment: Deployment,
 ) -> None:
