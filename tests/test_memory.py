@@ -9,6 +9,7 @@ device too small for them without allocating anything.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,8 @@ from modal_jobs.config import ConfigError, LoraSpec, TextDims, load_config
 from modal_jobs.ml import memory
 from modal_jobs.ml.batching import collate, encode
 from modal_jobs.ml.loss import AnswerLoss
-from modal_jobs.ml.model import load_processor, lora_config, patch_embed_as_matmul
-from modal_jobs.ml.presets import build_model, model_config
+from modal_jobs.ml.model import lora_config, patch_embed_as_matmul
+from modal_jobs.ml.presets import build_model, build_processor, model_config
 from tests.conftest import REPO
 
 CONFIG = load_config(REPO / "config")
@@ -67,8 +68,16 @@ def saved_bytes(model: Any, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_base: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    processor = load_processor(tiny_base)
+def processor() -> Any:
+    """The tiny preset's processor with its tokenizer trained on a few screens (no pre-training:
+    only shapes matter here)."""
+    rng = random.Random(1)
+    samples = [demo_data.render_sample(e, rng) for e in demo_data.EXPERTS]
+    return build_processor(TINY, [text for s in samples for text in (s.instruction, s.answer)])
+
+
+@pytest.fixture(scope="module")
+def batch(processor: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     rng = random.Random(3)
     items = [
         encode(processor, demo_data.render_sample(e, rng).image, TINY.image, "Route.", "Which?", e)
@@ -121,28 +130,32 @@ def test_checkpointing_keeps_less_and_stays_within_its_estimate(
     assert kept - head_kept <= on.activations < off.activations
 
 
-def test_lora_parameter_count_is_what_peft_trains(batch: tuple[Any, Any]) -> None:
-    processor, _ = batch
+def test_lora_parameter_count_is_what_peft_trains(processor: Any) -> None:
     lora = LoraSpec(r=8, alpha=16)
     model = small_model(processor, SHAPES[1], lora, checkpointing=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shapes = memory.Shapes.of(model.get_base_model().config)
     assert shapes.lora_parameters(lora.r) == trainable > 0
-    assert shapes.parameters == sum(p.numel() for p in model.get_base_model().parameters())
+    frozen = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    assert shapes.parameters == frozen
 
 
 @pytest.fixture(scope="module")
-def shapes_2b(tiny_base: str) -> memory.Shapes:
-    """The 2B preset's shapes: its `Qwen3VLConfig` (any tokenizer gives the special ids)."""
-    preset = CONFIG.models["qwen3-vl-2b-local"]
-    return memory.Shapes.of(model_config(preset, load_processor(tiny_base).tokenizer))
+def config_2b(processor: Any) -> Any:
+    """The 2B preset's `Qwen3VLConfig` (any tokenizer with Qwen's special tokens gives the ids)."""
+    return model_config(CONFIG.models["qwen3-vl-2b-local"], processor.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def shapes_2b(config_2b: Any) -> memory.Shapes:
+    return memory.Shapes.of(config_2b)
 
 
 def test_2b_preset_has_the_published_parameter_count(
-    tiny_base: str, shapes_2b: memory.Shapes
+    config_2b: Any, shapes_2b: memory.Shapes
 ) -> None:
     assert shapes_2b.parameters == PUBLISHED_2B_PARAMETERS
-    config = model_config(CONFIG.models["qwen3-vl-2b-local"], load_processor(tiny_base).tokenizer)
+    config = config_2b
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(config)
     assert sum(p.numel() for p in model.model.visual.parameters()) == PUBLISHED_2B_VISION
@@ -188,13 +201,13 @@ def test_weights_alone_too_big_says_so(shapes_2b: memory.Shapes) -> None:
         memory.check_fits(estimated, 4 * GIB, batch_size=1)
 
 
-def test_the_train_stage_check_reads_the_base_config_and_passes_a_tiny_plan(
-    tiny_base: str,
+def test_the_train_stage_check_reads_the_base_config_and_passes_a_small_plan(
+    processor: Any, tmp_path: Path
 ) -> None:
     from modal_jobs.ml.model import Runtime
     from modal_jobs.ml.shard_files import Split
 
-    processor = load_processor(tiny_base)
+    model_config(TINY, processor.tokenizer).save_pretrained(tmp_path)  # all the check reads
     rng = random.Random(0)
     items = [
         encode(processor, demo_data.render_sample(e, rng).image, TINY.image, None, "x", e)
@@ -202,7 +215,7 @@ def test_the_train_stage_check_reads_the_base_config_and_passes_a_tiny_plan(
     ]
     split = Split.of(items, np.zeros(len(items), dtype=np.int64))
     plan = [[0, 1, 2], [3, 4, 5]]
-    estimated = memory.check_plan(tiny_base, TINY.lora, Runtime.detect(), False, plan, split)
+    estimated = memory.check_plan(str(tmp_path), TINY.lora, Runtime.detect(), False, plan, split)
     widest = max(plan, key=lambda rows: len(rows) * int(split.lengths[rows].max()))
     assert estimated.step.width == int(split.lengths[widest].max())
     assert estimated.step.patches == int(split.grids[widest].prod(axis=1).sum())
