@@ -155,9 +155,8 @@ def test_2b_preset_has_the_published_parameter_count(
     config_2b: Any, shapes_2b: memory.Shapes
 ) -> None:
     assert shapes_2b.parameters == PUBLISHED_2B_PARAMETERS
-    config = config_2b
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(config)
+        model = Qwen3VLForConditionalGeneration(config_2b)
     assert sum(p.numel() for p in model.model.visual.parameters()) == PUBLISHED_2B_VISION
 
 
@@ -182,13 +181,7 @@ def test_a_2b_plan_too_big_for_the_device_is_refused_with_the_numbers(
         total = memory.estimate(shapes_2b, lora, smaller, torch.bfloat16, False).total
         assert (total <= memory.HEADROOM * 24 * GIB) is ok
     memory.check_fits(estimated, 141 * GIB, batch_size=8)  # an H200 takes it
-
-
-def test_gradient_checkpointing_lets_the_2b_plan_fit_a_24_gib_gpu(
-    shapes_2b: memory.Shapes,
-) -> None:
-    lora = CONFIG.models["qwen3-vl-2b-local"].lora
-    step = memory.Step(rows=8, width=900, patches=8 * 3136)
+    # With gradient checkpointing the same plan fits the 24 GiB device.
     checkpointed = memory.estimate(shapes_2b, lora, step, torch.bfloat16, checkpointing=True)
     memory.check_fits(checkpointed, 24 * GIB, batch_size=8)
 
