@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(MOLE_HOME)/dagster
 export MOLE_CONFIG_DIR ?= $(CURDIR)/config
 UI_PORT ?= 3000
 
-.PHONY: setup demo test lint ui ui-check tensorboard bench clean
+.PHONY: setup demo test lint ui ui-check tensorboard bench clean modal-emulated
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ ui: setup
 ui-check: setup
 	$(PY) -m pip install -q -e ".[dev,ui]"
 	$(PY) scripts/ui_check.py
+
+# The whole graph for a fresh run on the emulated Modal cloud (tests/modal_emulator, a stand-in:
+# containers as processes in private mount namespaces; needs root or user namespaces). Reuses the
+# tiny base of an earlier `make demo` when there is one; prints one JSON line.
+modal-emulated: setup
+	$(PY) -m tests.modal_emulated --models $(MOLE_HOME)/volumes/moe-lora-hf-cache
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(MOLE_HOME)/volumes/moe-lora-data/runs --host 127.0.0.1

@@ -26,7 +26,7 @@ run_retries:
 concurrency:
   pools:
     granularity: op
-    default_limit: 1  # the `gpu` pool: one GPU stage at a time
+    default_limit: 1  # the `gpu` pool: one GPU stage at a time; `deploy`: one deployment
 telemetry:
   enabled: false
 """
