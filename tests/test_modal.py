@@ -97,11 +97,11 @@ def test_modal_functions_match_resource_table(monkeypatch: pytest.MonkeyPatch, g
 def test_every_asset_has_a_local_module_and_a_modal_launch() -> None:
     app, declared = load_app(str(REPO / compute.APP_FILE))
     assets = {
-        a.key.to_user_string()
+        a.key.to_user_string(): a
         for a in router_assets(load_config(REPO / "config"))
         if isinstance(a, dg.AssetsDefinition)
     }
-    assert set(STAGES) == assets
+    assert set(STAGES) == set(assets)
     table = compute.functions()
     for asset, stage in STAGES.items():
         spec = importlib.util.find_spec(f"modal_jobs.stages.{stage.module}")
@@ -110,6 +110,12 @@ def test_every_asset_has_a_local_module_and_a_modal_launch() -> None:
         assert type(getattr(app, stage.entrypoint)).__name__ == "LocalEntrypoint", asset
         assert set(stage.functions) <= set(table) & set(declared), asset
         assert cloud.DRIVERS[asset], asset
+        config = assets[asset].op.config_schema
+        if stage.options is None:
+            assert not config.as_field().config_type.fields, asset  # type: ignore[attr-defined]
+        else:  # the Launchpad's fields are the options model's
+            fields = config.as_field().config_type.fields  # type: ignore[attr-defined]
+            assert set(fields) == set(stage.options.model_fields), asset
 
 
 def test_dry_with_modal_backend_lists_all_six_stages(

@@ -1,8 +1,9 @@
-"""The one stage table: per asset, the module that computes it and how Modal launches it.
+"""The one stage table: per asset, its module, its run options and how Modal launches it.
 
 Both launchers read it: `mole_assets/resources.py` runs `python -m modal_jobs.stages.<module>`
 locally, or `modal run modal_jobs/mole_app.py::<entrypoint>` (whose functions, GPU and volumes
-are the rows of `compute.functions()`). Adding a stage is adding a row here. Imports neither
+are the rows of `compute.functions()`); the asset's Dagster `Config` derives from the row's
+options model (`modal_jobs/stage.py`). Adding a stage is adding a row here. Imports neither
 torch nor modal, so `mole materialize --dry` stays instant.
 """
 
@@ -11,19 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
 from modal_jobs.launch.compute import APP_FILE, APP_NAME, functions
 from modal_jobs.layout import DATA_VOLUME, INFERENCE_VOLUME, MODAL_MOUNT_ROOT
+from modal_jobs.stage import ExpertsOptions, TrainOptions
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One asset's compute: its local stage module and its Modal entrypoint and functions."""
+    """One asset's compute: its local stage module, its Modal entrypoint and functions, and the
+    run options its Dagster `Config` and stage spec share (None: the stage takes none)."""
 
     asset: str
     module: str
     entrypoint: str
     functions: tuple[str, ...]
     note: str
+    options: type[BaseModel] | None = None
 
     @property
     def func_ref(self) -> str:
@@ -68,6 +74,7 @@ STAGES = {
             "train",
             ("train_router",),
             "resumes from the newest train_state/step-N; torchrun for GPU count > 1",
+            TrainOptions,
         ),
         Stage(
             "expert_adapters",
@@ -75,6 +82,7 @@ STAGES = {
             "experts",
             ("train_experts",),
             f"managed expert LoRAs, written to the {INFERENCE_VOLUME} volume",
+            ExpertsOptions,
         ),
         Stage("eval_report", "evaluate", "evaluate", ("evaluate_router",), "held-out eval split"),
         Stage(
