@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ from .modal_emulator.cli import client_methods, load_app
 from .modal_emulator.image import ImageDefinition
 
 NO_CONTAINERS = unavailable()
+# The first test that uses `graphs` runs the whole graph twice (emulated Modal, local); on a
+# loaded machine that outlasts the suite's per-test timeout.
+on_the_graphs = pytest.mark.timeout(3600)
 needs_containers = pytest.mark.skipif(
     NO_CONTAINERS is not None, reason=f"emulated Modal containers: {NO_CONTAINERS}"
 )
@@ -94,7 +98,10 @@ def test_modal_functions_match_resource_table(monkeypatch: pytest.MonkeyPatch, g
     }
 
 
-def test_every_asset_has_a_local_module_and_a_modal_launch() -> None:
+def test_every_asset_has_a_local_module_and_a_modal_launch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(modal.App, "function", modal.App.function)  # restored afterwards
     app, declared = load_app(str(REPO / compute.APP_FILE))
     assets = {
         a.key.to_user_string(): a
@@ -110,12 +117,11 @@ def test_every_asset_has_a_local_module_and_a_modal_launch() -> None:
         assert type(getattr(app, stage.entrypoint)).__name__ == "LocalEntrypoint", asset
         assert set(stage.functions) <= set(table) & set(declared), asset
         assert cloud.DRIVERS[asset], asset
-        config = assets[asset].op.config_schema
+        hints = typing.get_type_hints(assets[asset].op.compute_fn.decorated_fn)
         if stage.options is None:
-            assert not config.as_field().config_type.fields, asset  # type: ignore[attr-defined]
-        else:  # the Launchpad's fields are the options model's
-            fields = config.as_field().config_type.fields  # type: ignore[attr-defined]
-            assert set(fields) == set(stage.options.model_fields), asset
+            assert "config" not in hints, asset
+        else:  # the Launchpad's config is the options model
+            assert issubclass(hints["config"], stage.options), asset
 
 
 def test_dry_with_modal_backend_lists_all_six_stages(
@@ -308,6 +314,7 @@ def graphs(tmp_path_factory: pytest.TempPathFactory, tiny_base: str) -> dict[str
     }
 
 
+@on_the_graphs
 def test_modal_emulated_prints_one_json_line_with_every_asset_ok(graphs: dict[str, Graph]) -> None:
     line = graphs["modal"].line
     assert line["run"] == "emulated"
@@ -319,6 +326,7 @@ def test_modal_emulated_prints_one_json_line_with_every_asset_ok(graphs: dict[st
     assert started == set(compute.functions()) - {"tensorboard"}
 
 
+@on_the_graphs
 def test_modal_graph_reports_the_local_backends_metadata_and_checks(
     graphs: dict[str, Graph],
 ) -> None:
@@ -340,6 +348,7 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
+@on_the_graphs
 def test_modal_graph_artifacts_byte_identical_to_local(graphs: dict[str, Graph]) -> None:
     local = Volumes(graphs["local"].data("local"), Path(), Path()).run("emulated")
     remote = Volumes(graphs["modal"].data("modal"), Path(), Path()).run("emulated")
@@ -421,6 +430,7 @@ def test_bad_expert_dataset_on_modal_fails_once_with_file_and_line(
 
 
 @needs_containers
+@on_the_graphs
 def test_damaged_split_on_the_volume_fails_once_in_one_container(
     graphs: dict[str, Graph], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -449,6 +459,7 @@ def test_damaged_split_on_the_volume_fails_once_in_one_container(
 
 
 @needs_containers
+@on_the_graphs
 def test_two_concurrent_deploys_both_kept_and_rollback_on_emulated_modal(
     graphs: dict[str, Graph], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -462,6 +473,9 @@ def test_two_concurrent_deploys_both_kept_and_rollback_on_emulated_modal(
         specs.append(tmp_path / f"{twin}.json")
         specs[-1].write_text(spec.model_dump_json())
     env = {**os.environ, "PATH": f"{emulated.shim()}{os.pathsep}{os.environ['PATH']}"}
+    # Make the two deploys' reload-to-commit windows overlap whenever both containers run at
+    # once (without max_containers=1 one registry entry is then lost, every time).
+    emulated.hold_commits("deploy_router", containers=2, seconds=20)
     # Two callers at once (two machines, as far as Modal is concerned).
     deploys = [
         subprocess.Popen(
@@ -490,6 +504,7 @@ def test_two_concurrent_deploys_both_kept_and_rollback_on_emulated_modal(
 # --- training commits each resume point ---------------------------------------------------------
 
 
+@on_the_graphs
 def test_modal_training_commits_volume_after_each_resume_point(
     graphs: dict[str, Graph], monkeypatch: pytest.MonkeyPatch
 ) -> None:

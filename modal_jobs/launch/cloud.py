@@ -6,9 +6,9 @@ spec — rewritten to the volumes' mount paths — to the Modal functions (`.rem
 and reports the `StageResult` they return, plus what the run cost. Pipes environment variables
 never reach the containers, so containers only return values.
 
-`remotes` maps a function name (`compute.FUNCTIONS`) to a `modal.Function`, plus `data_volume` to
-the data `modal.Volume`; any object with the same `.remote` / `.map` / volume methods works, which
-is how the tests run this logic with Modal's cloud substituted.
+`remotes` maps a function name (`compute.functions()`) to a `modal.Function`, plus `data_volume`
+to the data `modal.Volume` (`mole_app.REMOTES`). Containers never raise bad input (Modal would
+retry it): they return it, and `unwrap` raises it here, once.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ from modal_jobs.stage import ExpertsOptions, TrainOptions
 
 @dataclass(frozen=True)
 class Stage:
-    """One asset's compute: its local stage module, its Modal entrypoint and functions, and the
-    run options its Dagster `Config` and stage spec share (None: the stage takes none)."""
+    """One asset's compute: its stage module, Modal entrypoint and functions, run options.
+
+    `options` is the model its Dagster `Config` and stage spec share (None: it takes none).
+    """
 
     asset: str
     module: str

@@ -107,6 +107,17 @@ class Cloud:
         """Create (or replace) a secret, as `modal secret create NAME K=V` would."""
         (self.root / "secrets.json").write_text(json.dumps({**self.secrets(), name: values}))
 
+    def hold_commits(self, function: str, containers: int, seconds: float) -> None:
+        """Fault injection: a container of `function` committing waits (at most `seconds`) until
+        `containers` of them are committing, so their reload-to-commit windows overlap for sure
+        (as they may on Modal, where a commit is an upload that takes its time)."""
+        shutil.rmtree(self.root / "holding" / function, ignore_errors=True)
+        (self.root / "holds.json").write_text(json.dumps({function: [containers, seconds]}))
+
+    def _hold(self, function: str) -> list[Any] | None:
+        holds = self.root / "holds.json"
+        return json.loads(holds.read_text()).get(function) if holds.is_file() else None
+
     def starts(self, function: str | None = None) -> list[dict[str, Any]]:
         """Every container started so far (optionally of one function), oldest first."""
         log = self.root / "starts.jsonl"
@@ -188,6 +199,8 @@ class Cloud:
             "store": str(self.store.root),
             "result": str(home / "result.pkl"),
             "port_file": str(home / "port"),
+            "hold": self._hold(declared.name),
+            "holding": str(self.root / "holding" / declared.name),
         }
         (home / "call.pkl").write_bytes(pickle.dumps(call))
         with open(self.root / "starts.jsonl", "a") as log:

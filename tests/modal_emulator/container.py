@@ -13,6 +13,7 @@ import importlib.util
 import os
 import pickle
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ class Mounted:
         self.views: dict[str, Path] = {name: Path(p) for name, p in call["views"].items()}
         self.mounts: dict[str, str] = {name: mount for mount, name in call["volumes"].items()}
         self.base = {name: volumes.scan(view) for name, view in self.views.items()}
+        self.hold = call.get("hold")
+        self.holding = Path(call["holding"]) / str(os.getpid())
 
     def _view(self, name: str) -> Path:
         if name not in self.views:
@@ -46,8 +49,22 @@ class Mounted:
             raise RuntimeError(f"Volume {name!r} is not mounted in this container")
         return self.views[name]
 
+    def _wait_for_others(self) -> None:
+        if not self.hold:
+            return
+        containers, seconds = self.hold
+        self.holding.parent.mkdir(parents=True, exist_ok=True)
+        self.holding.touch()
+        deadline = time.monotonic() + seconds
+        while len(list(self.holding.parent.iterdir())) < containers:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.hold = None  # one hold per container
+
     def commit(self, name: str) -> None:
         """`Volume.commit()` (modal/volume.py): persist, then reload (`skip_reload` false)."""
+        self._wait_for_others()
         self.base[name] = self.store.commit(name, self._view(name), self.base[name])
         self.reload(name)
 
