@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -177,12 +178,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy a run's router (or roll back to the previous deployment)."""
-    from modal_jobs.serving.registry import read_registry
-    from mole_assets.resources import MoleResource
+    from modal_jobs.launch import modal_cli
+    from modal_jobs.serving.registry import read_registry, rollback
 
     volumes = Volumes.local()
     if args.rollback:
-        print(f"rolled back: current router is {MoleResource().rollback()}")
+        # On Modal the registry lives on the inference volume: roll back in the deploy container.
+        on_modal = os.environ.get("MOLE_BACKEND") == "modal"
+        current = modal_cli.rollback() if on_modal else rollback(volumes)
+        print(f"rolled back: current router is {current}")
         return 0
     if not args.name:
         raise CliError("mole deploy needs a run name (or --rollback)")

@@ -2,10 +2,8 @@
 
 import contextlib
 import os
-import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +12,14 @@ from dagster_modal import ModalClient
 
 from modal_jobs.config import ConfigError, MoleConfig, load_config
 from modal_jobs.errors import MoleError
-from modal_jobs.launch.compute import APP_FILE, stage_command, train_procs
+from modal_jobs.launch.compute import stage_command, train_procs
+from modal_jobs.launch.modal_cli import PROJECT_DIR, modal_env
 from modal_jobs.launch.pipes import BAD_INPUT_EXTRA
 from modal_jobs.launch.table import STAGES
 from modal_jobs.layout import Volumes, mole_home
 from modal_jobs.stage import StageSpec
 
 BACKENDS = ("local", "modal")
-# `modal run modal_jobs/mole_app.py::…` resolves the app file (and `modal_jobs`) from here.
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-# The folder of the running Python: where `pip install` put the `modal` CLI.
-ENV_BIN = str(Path(sys.executable).parent)
 
 
 def raise_bad_input(message_file: Path) -> None:
@@ -43,20 +38,6 @@ def bad_input_fails_once() -> Iterator[Path]:
         except Exception:  # the stage failed; it may have said why the input is bad
             raise_bad_input(bad_input)
             raise
-
-
-def modal_env(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with this environment's `modal` CLI reachable.
-
-    `dagster_modal.ModalClient` runs a bare `modal`; `make ui` and the `mole` console script do
-    not put the virtual environment on PATH, so its bin folder is appended (a `modal` earlier
-    on PATH still wins).
-    """
-    path = env.get("PATH", os.defpath)
-    return {
-        **env,
-        "PATH": path if ENV_BIN in path.split(os.pathsep) else path + os.pathsep + ENV_BIN,
-    }
 
 
 class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -157,20 +138,3 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
                     env=env,
                 )
         yield from invocation.get_results()
-
-    def rollback(self) -> str:
-        """Make the previous router current again, on the selected backend's inference volume."""
-        if self.selected_backend() == "local":
-            from modal_jobs.serving.registry import rollback
-
-            return rollback(self.volumes())
-        done = subprocess.run(
-            ["modal", "run", f"{APP_FILE}::rollback"],
-            cwd=PROJECT_DIR,
-            env=modal_env(os.environ),
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise ConfigError(f"rollback on Modal failed:\n{done.stderr.strip()}")
-        return done.stdout.strip().rsplit(" ", 1)[-1]

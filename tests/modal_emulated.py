@@ -6,9 +6,10 @@ Writes demo experts and a config under `--root` (default: a temp folder), then m
 six assets of run `emulated` (training in `test` mode) with `MOLE_BACKEND=modal` through
 `dagster_modal.ModalClient`, whose `modal` is the emulator's (`tests/modal_emulator`). Prints one
 JSON line: `{"run", "assets": {asset: "ok" | "failed"}, "accuracy", "registry_current"}`.
-`--models` seeds the HF cache volume with tiny bases built before (a volume kept from an
-earlier run); without it the first container builds one. `--backend local` runs the same graph
-on the local backend, for comparison.
+`--experts DIR` uses those expert datasets (the dataset records their paths, so two runs to be
+compared byte for byte share them). `--models` seeds the HF cache volume with tiny bases built
+before (a volume kept from an earlier run); without it the first container builds one.
+`--backend local` runs the same graph on the local backend, for comparison.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ ASSETS = (
 )
 
 
-def prepare(root: Path, backend: str, models: Path | None) -> dict[str, str]:
-    """Experts, config and (for `modal`) the emulated workspace; returns the environment."""
+def prepare(
+    root: Path, backend: str, models: Path | None, experts: Path | None = None
+) -> dict[str, str]:
+    """Experts (unless given), config and (`modal`) the emulated workspace; the environment."""
     from modal_jobs.demo_data import write_demo_data
 
-    write_demo_data(root / "experts", PER_EXPERT, seed=5)
-    config = write_config(root / "config", root / "experts", PER_EXPERT, min_accuracy=0.0)
+    if experts is None:
+        experts = root / "experts"
+        write_demo_data(experts, PER_EXPERT, seed=5)
+    config = write_config(root / "config", experts, PER_EXPERT, min_accuracy=0.0)
     env = {
         "MOLE_HOME": str(root / "home"),
         "DAGSTER_HOME": str(root / "dagster"),
@@ -130,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path)
     parser.add_argument("--backend", choices=("modal", "local"), default="modal")
     parser.add_argument("--details", type=Path, help="also write metadata types and checks here")
+    parser.add_argument("--experts", type=Path, help="expert datasets to use (default: new demo)")
     args = parser.parse_args(argv)
     if args.backend == "modal" and (reason := unavailable()):
         print(f"error: cannot emulate Modal containers here: {reason}", file=sys.stderr)
         return 2
     root = args.root or Path(tempfile.mkdtemp(prefix="mole-modal-emulated-"))
-    os.environ.update(prepare(root.resolve(), args.backend, args.models))
+    os.environ.update(prepare(root.resolve(), args.backend, args.models, args.experts))
     from mole_assets.cli import materialize
 
     with stdout_to_stderr():

@@ -21,6 +21,7 @@ import pytest
 
 from modal_jobs.config import load_config
 from modal_jobs.launch import cloud, compute
+from modal_jobs.launch.modal_cli import ENV_BIN, modal_env
 from modal_jobs.launch.table import STAGES
 from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, Volumes
 from modal_jobs.stage import StageSpec
@@ -28,7 +29,7 @@ from modal_jobs.stages.train import TrainSpec
 from mole_assets.assets import router_assets
 from mole_assets.cli import main
 from mole_assets.partitions import RUN_NAMES
-from mole_assets.resources import ENV_BIN, MoleResource, modal_env
+from mole_assets.resources import MoleResource
 
 from . import modal_emulated
 from .conftest import REPO, MakeConfig, copy_experts, write_config
@@ -307,9 +308,13 @@ def graphs(tmp_path_factory: pytest.TempPathFactory, tiny_base: str) -> dict[str
     """`make modal-emulated`'s run, and the same graph on the local backend."""
     if NO_CONTAINERS:
         pytest.skip(f"emulated Modal containers: {NO_CONTAINERS}")
+    from modal_jobs.demo_data import write_demo_data
+
     models = Path(tiny_base).parents[1]  # the session's HF cache volume, tiny base built
+    experts = tmp_path_factory.mktemp("experts")  # one copy: the dataset records its paths
+    write_demo_data(experts, modal_emulated.PER_EXPERT, seed=5)
     return {
-        backend: _graph(tmp_path_factory.mktemp(backend), backend, models)
+        backend: _graph(tmp_path_factory.mktemp(backend), backend, models, experts)
         for backend in ("modal", "local")
     }
 
@@ -496,9 +501,10 @@ def test_two_concurrent_deploys_both_kept_and_rollback_on_emulated_modal(
     assert {"twin-a", "twin-b"} <= set(deployed) and deployed[0] == "emulated"
     last, before_last = deployed[-1], deployed[-2]
     monkeypatch.setenv("PATH", env["PATH"])
-    rolled = MoleResource(backend="modal").rollback()
-    assert rolled.startswith(f"{before_last}-")
-    assert json.loads(registry_file.read_text())["current"] == rolled != last
+    monkeypatch.setenv("MOLE_BACKEND", "modal")
+    assert main(["deploy", "--rollback"]) == 0  # `mole deploy --rollback`, on Modal
+    current = json.loads(registry_file.read_text())["current"]
+    assert current.startswith(f"{before_last}-") and not current.startswith(f"{last}-")
 
 
 # --- training commits each resume point ---------------------------------------------------------
