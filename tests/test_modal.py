@@ -424,6 +424,7 @@ def test_bad_expert_dataset_on_modal_fails_once_with_file_and_line(
     lines = broken.read_text().splitlines()
     broken.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
     emulated = Cloud(tmp_path / "cloud")
+    emulated.set_secret("huggingface", {"HF_TOKEN": "emulated-token"})  # else `modal run` stops
     config_dir = write_config(tmp_path / "config", experts)
     result = _materialize_on(
         emulated, config_dir, tmp_path / "home", "bad", ["routing_dataset"], monkeypatch
