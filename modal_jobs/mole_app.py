@@ -17,14 +17,19 @@ import logging
 import subprocess
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import modal
 
 from modal_jobs.errors import MoleError
 from modal_jobs.launch import cloud, compute
-from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, MODAL_MOUNT_ROOT
+from modal_jobs.layout import (
+    DATA_VOLUME,
+    HF_CACHE_VOLUME,
+    INFERENCE_VOLUME,
+    MODAL_MOUNT_ROOT,
+    Volumes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +260,7 @@ def _torchrun(spec: dict[str, Any], count: int) -> dict[str, Any]:
     """Run `torchrun -m modal_jobs.stages.train` on every GPU, committing the volume meanwhile."""
     import json
 
-    run_dir = Path(spec["volumes"]["data"]) / "runs" / spec["run"]
+    run_dir = Volumes.modal().run(spec["run"]).root
     spec_file, result_file = run_dir / "train_spec.json", run_dir / "train_result.json"
     spec_file.write_text(json.dumps(spec))
     done = threading.Event()

@@ -109,7 +109,7 @@ def _dataset(spec: dict[str, Any], remotes: Remotes) -> dict[str, Any]:
 
     local = StageSpec.model_validate(spec)
     result = dataset.run(local)
-    remote_dir = f"runs/{local.run}/{local.layout.dataset.name}"
+    remote_dir = str(local.layout.dataset.relative_to(local.volumes.data))
     sent, kept = upload_tree(remotes["data_volume"], local.layout.dataset, remote_dir)
     log.info("uploaded %d file(s) to %s:/%s (%d unchanged)", sent, DATA_VOLUME, remote_dir, kept)
     return result.to_json()

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from modal_jobs.launch.compute import APP_FILE, APP_NAME, functions
-from modal_jobs.layout import DATA_VOLUME, INFERENCE_VOLUME, MODAL_MOUNT_ROOT
+from modal_jobs.layout import DATA_VOLUME, INFERENCE_VOLUME, Volumes
 from modal_jobs.stage import ExpertsOptions, TrainOptions
 
 
@@ -48,7 +48,7 @@ class Stage:
             "app": APP_NAME,
             "note": self.note,
             "functions": [table[name].describe() for name in self.functions],
-            "run_root": str(MODAL_MOUNT_ROOT / DATA_VOLUME / "runs"),
+            "run_root": str(Volumes.modal().runs),
         }
 
 
