@@ -12,6 +12,8 @@ preset's processor (built into MOLE_HOME on first use, outside the timings), eac
   per-sample processor call and `num_proc` = the workers, its outputs written as Arrow files;
 - ours: `shards.run` end to end (processor load, encoding, shards, index.json) with
   `MOLE_PREPROCESS_WORKERS` = the workers.
+Every process of every side runs torch on one thread, as ours' helpers do (two threads in each of
+two processes on two cores made the baselines thrash).
 A machine shared with other jobs slows runs unevenly, so the sides run in short alternating
 rounds (the order rotates every round), and each ratio is the median over rounds of the
 per-round ratio. `speedup` = ours against the stronger baseline (higher median samples/s);
@@ -86,6 +88,7 @@ def all_rows(spec: StageSpec) -> list[dict[str, Any]]:
 
 def loop_part(base: str, system: str, root: Path, rows: list[dict[str, Any]], out: Path) -> None:
     """One process's share of the loop baseline: processor call and a safetensors file a sample."""
+    one_thread()
     processor = AutoProcessor.from_pretrained(base)
     for row in rows:
         messages = conversation(system, row["instruction"], row["label"])
@@ -94,6 +97,12 @@ def loop_part(base: str, system: str, root: Path, rows: list[dict[str, Any]], ou
             inputs = processor(text=[text], images=[image.convert("RGB")], return_tensors="pt")
         tensors = {k: v.contiguous() for k, v in inputs.items()}
         save_file(tensors, str(out / f"{row['number']:06d}.safetensors"))
+
+
+def one_thread() -> None:
+    """One torch thread per process, as ours' helpers run: W processes use W cores, no more."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def loop(spec: StageSpec, base: str, out: Path, workers: int) -> float:
@@ -121,6 +130,7 @@ def datasets_map(spec: StageSpec, base: str, out: Path, workers: int) -> float:
     system, root = spec.config.dataset.system_prompt, spec.layout.dataset
 
     def process(row: dict[str, Any]) -> dict[str, Any]:
+        one_thread()
         messages = conversation(system, row["instruction"], row["label"])
         text = processor.apply_chat_template(messages, tokenize=False)
         with Image.open(root / row["image"]) as image:

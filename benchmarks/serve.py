@@ -89,15 +89,20 @@ def bodies(count: int, seed: int) -> list[bytes]:
 
 
 async def load_round(
-    url: str, requests: Sequence[bytes], clients: int, seconds: float, answers: dict[int, Any]
+    url: str,
+    requests: Sequence[tuple[int, bytes]],
+    clients: int,
+    seconds: float,
+    answers: dict[int, Any],
 ) -> tuple[list[float], float]:
     """`clients` busy clients through `requests` (or until `seconds`): latencies, wall time."""
     latencies: list[float] = []
-    queue = list(enumerate(requests))
+    queue = list(requests)  # (index into the work list, body): answers are keyed by request
     began = time.perf_counter()
     deadline = began + seconds
     limits = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=max(seconds, 60))
+    # A batch of /infer answers on a loaded CPU can take minutes: only a hung server times out.
+    timeout = aiohttp.ClientTimeout(total=max(seconds, 600))
     async with aiohttp.ClientSession(connector=limits, timeout=timeout) as session:
 
         async def client() -> None:
@@ -175,7 +180,10 @@ def measure(urls: dict[str, str], work: list[bytes], args: argparse.Namespace) -
             tallies = {name: Tally() for name in urls}
             for round_ in range(args.rounds):
                 start = (round_ * args.requests) % len(work)
-                chunk = (work * 2)[start : start + args.requests]
+                chunk = [
+                    (n % len(work), work[n % len(work)])
+                    for n in range(start, start + args.requests)
+                ]
                 order = list(urls) if round_ % 2 == 0 else list(reversed(urls))
                 run_round(urls, order, endpoint, chunk, clients, args, tallies, answers)
             rates = zip(tallies["ours"].round_rates, tallies["baseline"].round_rates, strict=True)
@@ -185,6 +193,12 @@ def measure(urls: dict[str, str], work: list[bytes], args: argparse.Namespace) -
                 "speedup_rounds": ratios,
                 "speedup": float(np.median(ratios)),
             }
+            # Progress on stderr (stdout stays ONE JSON object): a long run shows where it is.
+            print(
+                json.dumps({f"{endpoint}@{clients}": results[f"{endpoint.strip('/')}_{clients}"]}),
+                file=sys.stderr,
+                flush=True,
+            )
         shared = set(answers["ours"]) & set(answers["baseline"])
         same = [answers["ours"][n] == answers["baseline"][n] for n in shared]
         results["answers_identical"][endpoint.strip("/")] = float(np.mean(same))
@@ -195,7 +209,7 @@ def run_round(
     urls: dict[str, str],
     order: list[str],
     endpoint: str,
-    chunk: list[bytes],
+    chunk: list[tuple[int, bytes]],
     clients: int,
     args: argparse.Namespace,
     tallies: dict[str, Tally],
@@ -212,7 +226,7 @@ def warm_up(urls: dict[str, str], work: list[bytes]) -> None:
     """First calls pay one-time set-up (allocations, kernels): not measured."""
     for endpoint in ENDPOINTS:
         for url in urls.values():
-            asyncio.run(load_round(url + endpoint, work, 4, 60, {}))
+            asyncio.run(load_round(url + endpoint, list(enumerate(work)), 4, 60, {}))
 
 
 def main() -> int:
@@ -232,9 +246,7 @@ def main() -> int:
         tempfile.TemporaryDirectory(prefix="mole-serve-bench-") as logs,
         servers(Path(logs)) as urls,
     ):
-        for endpoint in ENDPOINTS:  # warm-up: first calls pay one-time set-up
-            for url in urls.values():
-                asyncio.run(load_round(url + endpoint, work[:8], 4, 60, {}))
+        warm_up(urls, work[:8])
         figures = measure(urls, work, args)
     p95_1 = figures["route_1"]
     result = {
