@@ -37,8 +37,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check modal_jobs mole_assets tests scripts benchmarks
 	$(VENV)/bin/mypy
 
+# CPU benchmarks (need `make demo` first); `datasets` is only for preprocess.py's baseline.
 bench: setup
+	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) benchmarks/route.py
+	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train.py
 
