@@ -6,9 +6,12 @@ the same model with the router adapter active at batch size 1, on the same colla
 interleaved image by image (the machine's other load hits both alike); medians are reported:
 - route: one forward pass of the body, the experts' first-label-token rows of the vocabulary
   head applied at the answer slot only (`modal_jobs.ml.routing.slot_logits`, what serving runs);
+- forward: the plain full-logits forward a user writes first, `model(**batch).logits` (every
+  position over the whole vocabulary, KV cache built), then the label tokens at the answer slot;
 - generate: greedy `generate()` with enough new tokens to emit the longest label and its end of
   turn; correct when the decoded text is the label.
-`speedup` = generate time / route time (model time; the shared preprocessing is reported apart).
+`speedup` = generate time / route time, `speedup_vs_forward` = forward time / route time (model
+time; the shared preprocessing is reported apart).
 Throughput: routing images/s at batch 1 and 16, preprocessing included.
 
     MOLE_HOME=.mole python benchmarks/route.py [--images 48]
@@ -39,10 +42,11 @@ from modal_jobs.serving.registry import current_router
 
 @torch.inference_mode()
 def compare(stack: Stack, items: Sequence[Encoded], new_tokens: int) -> dict[str, Any]:
-    """Per image, interleaved: one routing forward and one greedy generate on the same tensors."""
+    """Per image, interleaved: route, full-logits forward and generate on the same tensors."""
     ids = torch.tensor(stack.router.labels.token_ids)
     eos = stack.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     routes, texts, route_s, generate_s, prep_s = [], [], [], [], []
+    forwards, forward_s = [], []
     with stack.adapter(ROUTER_ADAPTER):
         for item in items:
             began = time.perf_counter()
@@ -54,6 +58,10 @@ def compare(stack: Stack, items: Sequence[Encoded], new_tokens: int) -> dict[str
             routes.append(int(torch.softmax(logits, -1).argmax()))
             route_s.append(time.perf_counter() - began)
             began = time.perf_counter()
+            full = stack.model(**batch).logits[0, item.prompt_len - 1, ids]
+            forwards.append(int(full.argmax()))
+            forward_s.append(time.perf_counter() - began)
+            began = time.perf_counter()
             out = stack.model.generate(
                 **batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos
             )
@@ -62,6 +70,8 @@ def compare(stack: Stack, items: Sequence[Encoded], new_tokens: int) -> dict[str
             texts.append(stack.processor.tokenizer.decode(new, skip_special_tokens=True).strip())
     return {
         "routes": np.array(routes),
+        "forwards": np.array(forwards),
+        "forward_ms": 1000 * float(np.median(forward_s)),
         "texts": texts,
         "route_ms": 1000 * float(np.median(route_s)),
         "generate_ms": 1000 * float(np.median(generate_s)),
@@ -110,8 +120,11 @@ def main() -> int:
         "torch_threads": torch.get_num_threads(),
         "route_ms_median": measured["route_ms"],
         "generate_ms_median": measured["generate_ms"],
+        "forward_ms_median": measured["forward_ms"],
         "preprocess_ms_median": measured["preprocess_ms"],
         "speedup": measured["generate_ms"] / measured["route_ms"],
+        "speedup_vs_forward": measured["forward_ms"] / measured["route_ms"],
+        "forward_agrees_with_route": float((measured["forwards"] == measured["routes"]).mean()),
         "route_accuracy": float((measured["routes"] == truth).mean()),
         "generate_accuracy": float(np.mean(generated_right)),
         "generate_max_new_tokens": new_tokens,

@@ -5,16 +5,20 @@ a fresh router LoRA (same seed, same `lora_config`) on the tiny base from the ru
 (mixed-size screenshots), with the same batch size, steps, learning rate, warm-up + cosine
 schedule, AdamW betas and gradient clipping, on the same device and dtype:
 - ours: `modal_jobs.stages.train.run`, on a copy of the shards in a scratch volume (length-grouped
-  batches, the vocabulary projection at answer positions only; on a GPU, collation ahead by
-  loader workers);
+  batches, the vocabulary projection at answer positions only, the frozen vision outputs kept per
+  sample from its second visit on; on a GPU, collation ahead by loader workers);
+- ours_no_vision_cache: the same with the vision cache's budget at 0 bytes, so the gain of each
+  part is visible;
 - trainer: what a user writes: a torch Dataset of per-sample processor outputs (the image
   processor runs in `__getitem__`), a collator that right-pads `input_ids` / `attention_mask` /
   `mm_token_type_ids` / `labels` (-100 outside the answer) and concatenates `pixel_values` /
-  `image_grid_thw`, and `Trainer(model=peft_model, args=...)` with its default data loader.
+  `image_grid_thw`, and `Trainer(model=peft_model, args=...)` with its own length grouping
+  (`train_sampling_strategy="group_by_length"`, transformers 5's `group_by_length=True`) and as
+  many data-loader workers as ours uses (`loader.loader_workers`: none on CPU).
 Real tokens are the non-padding ones; tokens/s is over the training loop's wall time (model
-loading excluded on both sides). Each side runs `--repeats` times, alternating which goes first,
-and its fastest run is reported (with every run's figure): on a shared machine other jobs only
-ever slow a run down. Final loss = mean of the last `--last` steps' batch losses (the two sides
+loading excluded on both sides). Each side runs `--repeats` times, in an order that rotates every
+repeat, and its fastest run is reported (with every run's figure): on a shared machine other jobs
+only ever slow a run down. Final loss = mean of the last `--last` steps' batch losses (the two sides
 see batches in different orders, so those are noisy); `val_loss` = each trained adapter's
 answer-token loss on the run's val split, the same samples for both.
 
@@ -40,16 +44,25 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from modal_jobs.artifacts import read_index
 from modal_jobs.config import ImageBounds, load_config
 from modal_jobs.layout import Volumes
+from modal_jobs.ml import vision_cache
 from modal_jobs.ml.batching import IGNORE_INDEX, Encoded, collate
+from modal_jobs.ml.loader import loader_workers
 from modal_jobs.ml.loss import AnswerLoss
 from modal_jobs.ml.model import Runtime, load_base, load_processor, lora_config
 from modal_jobs.ml.shard_files import load_split
 from modal_jobs.stages import train
 
+SIDES = ("ours", "ours_no_vision_cache", "trainer")
 
-def ours(spec: train.TrainSpec) -> dict[str, Any]:
+
+def ours(spec: train.TrainSpec, cache_vision: bool = True) -> dict[str, Any]:
     """mole's own training stage on `spec` (its run's shards already in place)."""
-    train.run(spec)
+    budget = vision_cache.BUDGET_BYTES
+    vision_cache.BUDGET_BYTES = budget if cache_vision else 0
+    try:
+        train.run(spec)
+    finally:
+        vision_cache.BUDGET_BYTES = budget
     summary = json.loads((spec.layout.checkpoint / "training_summary.json").read_text())
     curve = json.loads((spec.layout.checkpoint / "loss_curve.json").read_text())
     base = load_base(summary["base"], Runtime.detect())
@@ -185,6 +198,8 @@ def baseline(spec: train.TrainSpec, scratch: Path) -> dict[str, Any]:
         bf16=runtime.dtype == torch.bfloat16,
         seed=spec.seed,
         disable_tqdm=True,
+        train_sampling_strategy="group_by_length",
+        dataloader_num_workers=loader_workers(runtime.device),
     )
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock]
@@ -214,7 +229,7 @@ def main() -> int:
     if not (shards / "index.json").is_file():
         print(json.dumps({"error": f"no tokenized shards at {shards} (run `make demo` first)"}))
         return 2
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trainer": []}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SIDES}
     with tempfile.TemporaryDirectory() as scratch:
         spec = train.TrainSpec(
             run="bench",
@@ -226,10 +241,14 @@ def main() -> int:
             log_every=args.steps,
         )
         shutil.copytree(shards, spec.layout.shards)
-        measures = {"ours": lambda: ours(spec), "trainer": lambda: baseline(spec, Path(scratch))}
+        measures = {
+            "ours": lambda: ours(spec),
+            "ours_no_vision_cache": lambda: ours(spec, cache_vision=False),
+            "trainer": lambda: baseline(spec, Path(scratch)),
+        }
         for repeat in range(args.repeats):
-            # Alternate which goes first: the machine's other load falls on both alike.
-            for name in ("ours", "trainer") if repeat % 2 == 0 else ("trainer", "ours"):
+            # Rotate which goes first: the machine's other load falls on every side alike.
+            for name in SIDES[repeat % 3 :] + SIDES[: repeat % 3]:
                 runs[name].append(measures[name]())
     report = {name: best(measured, args.last) for name, measured in runs.items()}
     hyper = train.hyper_parameters(spec)
@@ -243,6 +262,9 @@ def main() -> int:
         "samples": read_index(shards)["splits"]["train"]["count"],
         **report,
         "speedup": mine["real_tokens_per_s"] / theirs["real_tokens_per_s"],
+        "speedup_no_vision_cache": report["ours_no_vision_cache"]["real_tokens_per_s"]
+        / theirs["real_tokens_per_s"],
+        "trainer_sampling": "group_by_length",
         "loss_rel_diff": abs(mine["final_loss"] - theirs["final_loss"]) / theirs["final_loss"],
         "val_loss_rel_diff": abs(mine["val_loss"] - theirs["val_loss"]) / theirs["val_loss"],
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -141,17 +142,18 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def _dry_run(name: str, selection: dg.AssetSelection, mode: str | None) -> int:
+    from modal_jobs.launch.table import STAGES
     from mole_assets.definitions import defs
-    from mole_assets.resources import STAGES, MoleResource
+    from mole_assets.resources import MoleResource
 
     graph = defs.resolve_asset_graph()
     keys = selection.resolve(graph)
     mole = MoleResource()
+    # Every stage is listed with its launcher; `selected` says whether this run would launch it.
     for key in graph.toposorted_asset_keys:
-        stage = STAGES.get(key.to_user_string())
-        if key not in keys or stage is None:
+        if key.to_user_string() not in STAGES:
             continue
-        plan = mole.plan(stage, name, key.to_user_string())
+        plan = {**mole.plan(key.to_user_string(), name), "selected": key in keys}
         print(f"{key.to_user_string()}: {json.dumps(plan, sort_keys=True)}")
     if mode:
         print(f"router_checkpoint mode: {mode}")
@@ -176,11 +178,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy a run's router (or roll back to the previous deployment)."""
+    from modal_jobs.launch import modal_cli
     from modal_jobs.serving.registry import read_registry, rollback
 
     volumes = Volumes.local()
     if args.rollback:
-        print(f"rolled back: current router is {rollback(volumes)}")
+        # On Modal the registry lives on the inference volume: roll back in the deploy container.
+        on_modal = os.environ.get("MOLE_BACKEND") == "modal"
+        current = modal_cli.rollback() if on_modal else rollback(volumes)
+        print(f"rolled back: current router is {current}")
         return 0
     if not args.name:
         raise CliError("mole deploy needs a run name (or --rollback)")
@@ -237,26 +243,33 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve /route, /infer and /health over HTTP until interrupted."""
+    """Serve /route, /infer, /health and /metrics (ASGI app on uvicorn) until interrupted."""
     import logging
+    import socket
 
-    from modal_jobs.serving.serve import MoleServer
+    import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    server = MoleServer((args.host, args.port), _stack())
-    port = server.server_address[1]
-    endpoints = "POST /route, POST /infer, GET /health"
-    print(f"serving on http://{args.host}:{port} ({endpoints})", flush=True)
+    from modal_jobs.serving.app import create_app
+    from modal_jobs.serving.serve import ServeOptions
+
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        options = ServeOptions(args.batch_wait_ms, args.max_batch, not args.no_feature_reuse)
+    except ValueError as exc:
+        raise CliError(f"mole serve: {exc}") from exc
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    app = create_app(_stack(), options)
+    # Bound here so that the port (0: any free one) is known before uvicorn starts.
+    sock = socket.create_server((args.host, args.port))
+    endpoints = "POST /route, POST /infer, GET /health, GET /metrics"
+    print(f"serving on http://{args.host}:{sock.getsockname()[1]} ({endpoints})", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
     return 0
 
 
 def _inference_commands(sub: Any) -> None:
+    from modal_jobs.serving.serve import ServeOptions
+
     route = sub.add_parser("route", help="route a screenshot with the deployed router")
     route.add_argument("image")
     route.add_argument("--prompt", default="", help="the user's instruction (optional)")
@@ -270,9 +283,21 @@ def _inference_commands(sub: Any) -> None:
     infer.add_argument("--json", action="store_true")
     infer.set_defaults(func=cmd_infer)
 
-    serve = sub.add_parser("serve", help="HTTP API: POST /route, POST /infer, GET /health")
+    serve = sub.add_parser("serve", help="HTTP API: /route, /infer, /health, /metrics")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=ServeOptions.batch_wait_ms,
+        help="how long concurrent requests are gathered into one batch (0: no batching)",
+    )
+    serve.add_argument("--max-batch", type=int, default=ServeOptions.max_batch)
+    serve.add_argument(
+        "--no-feature-reuse",
+        action="store_true",
+        help="run the vision tower again for the answer (the unoptimised baseline)",
+    )
     serve.set_defaults(func=cmd_serve)
 
 

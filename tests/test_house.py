@@ -200,3 +200,18 @@ def test_runs_list_loads_dagster_but_not_torch(tmp_path: Path) -> None:
     modules = result["modules"]
     assert isinstance(modules, list) and "dagster" in modules
     assert not [m for m in modules if m.split(".")[0] in HEAVY], modules
+
+
+def test_only_layout_builds_run_paths() -> None:
+    # `runs/<run>/…` built by hand elsewhere would bypass the run-name gate in layout.py.
+    found = []
+    for name, path in _modules().items():
+        if name == "modal_jobs.layout":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            is_str = isinstance(node, ast.Constant) and isinstance(node.value, str)
+            if is_str and (node.value == "runs" or node.value.startswith("runs/")):
+                found.append((name, node.lineno))
+    # The CLI's `mole runs` sub-command is a command name, not a path.
+    cli = (REPO / "mole_assets" / "cli.py").read_text().splitlines()
+    assert all(n == "mole_assets.cli" and 'add_parser("runs"' in cli[i - 1] for n, i in found)

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from modal_jobs.config import load_config
 from modal_jobs.demo_data import render_sample
 from modal_jobs.layout import Volumes
 from modal_jobs.ml.calibration import ECE_BINS
-from modal_jobs.serving.inference import Stack
+from modal_jobs.serving.batched import Prepared
+from modal_jobs.serving.inference import Answer, Route, Stack
 
 from .conftest import fresh_instance, write_config
 from .test_graph import _materialize
@@ -54,7 +56,9 @@ class Deployed:
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path) -> Deployed:
+def deployed(
+    tmp_path_factory: pytest.TempPathFactory, experts_dir: Path, tiny_base: str
+) -> Deployed:
     root = tmp_path_factory.mktemp("serve")
     instance = fresh_instance(root, RUN)
     config_dir = write_config(root / "config", experts_dir, min_accuracy=0.0)
@@ -228,3 +232,151 @@ def test_http_bad_requests_get_4xx_json_and_server_stays_healthy(server: str) ->
     status, health = _call(server, "GET", "/health")
     assert status == 200 and health["status"] == "ok"
     assert health["router"].startswith(RUN) and len(health["adapters"]) == 6
+
+
+# --- batching, feature reuse and metrics -------------------------------------------------------
+
+
+def _requests(stack: Stack, deployed: Deployed) -> tuple[list[Prepared], list[tuple[Any, str]]]:
+    """Mixed /infer and /route requests on held-out screens of several sizes and prompts."""
+    from modal_jobs.serving.batched import prepare
+
+    inputs = []
+    for n, expert in enumerate(("calendar", "terminal", "spreadsheet", "email", "map", "calendar")):
+        sample = render_sample(expert, random.Random(f"{HELD_OUT_SEED}:batch:{n}"))
+        # Different sizes and prompts give rows of different lengths: padding is exercised.
+        side = 160 + 32 * n
+        inputs.append(
+            (sample.image.convert("RGB").resize((side, side * 3 // 4)), sample.instruction)
+        )
+    requests = [
+        # Both calendar screens (0 and 5) are /infer: one adapter group of two rows of different
+        # lengths; 2 and 3 are /route only.
+        prepare(stack, image, prompt, answer=n not in (2, 3))
+        for n, (image, prompt) in enumerate(inputs)
+    ]
+    return requests, inputs
+
+
+@pytest.fixture(scope="module")
+def stack(deployed: Deployed) -> Stack:
+    return Stack.deployed(load_config(deployed.config_dir), deployed.volumes)
+
+
+@contextmanager
+def _vision_calls(stack: Stack) -> Iterator[list[int]]:
+    """A list that grows by one entry per vision-tower call (a real forward hook)."""
+    from modal_jobs.ml.model import causal_lm
+
+    calls: list[int] = []
+    hook = causal_lm(stack.model).model.visual.register_forward_hook(
+        lambda module, args, output: calls.append(1)
+    )
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def test_batched_answers_match_one_at_a_time(stack: Stack, deployed: Deployed) -> None:
+    from modal_jobs.serving.batched import run_batch
+
+    requests, inputs = _requests(stack, deployed)
+    sizes: list[tuple[str, int]] = []
+    with _vision_calls(stack) as calls:
+        batched = run_batch(stack, requests, True, lambda kind, size: sizes.append((kind, size)))
+    # One vision-tower run for the whole batch: the answers reuse the route's features.
+    assert len(calls) == 1
+    answers = [r for r in batched if isinstance(r, Answer)]
+    groups = [size for kind, size in sizes if kind == "answer"]
+    assert sizes[0] == ("route", len(requests)) and sum(groups) == len(answers) == 4
+    assert max(groups) > 1, "no adapter group of two: left padding is not exercised"
+    with _vision_calls(stack) as calls:
+        for request, result, (image, prompt) in zip(requests, batched, inputs, strict=True):
+            alone = run_batch(stack, [request], False)[0]
+            # The old path, Stack.route / Stack.infer, runs the vision tower in each step.
+            old = stack.infer(image, prompt) if request.answer_item else stack.route(image, prompt)
+            for other in (alone, old):
+                _assert_same(result, other)
+    # Without reuse an /infer runs the tower twice (route, then generate), a /route once.
+    assert len(calls) == 2 * (2 * len(answers) + (len(requests) - len(answers)))
+
+
+def _assert_same(result: Route | Answer, other: Route | Answer) -> None:
+    if isinstance(result, Answer):
+        assert isinstance(other, Answer) and other.answer == result.answer
+        assert other.adapter == result.adapter
+        mine, theirs = result.route.probabilities, other.route.probabilities
+    else:
+        assert isinstance(other, Route) and other.adapter == result.adapter
+        mine, theirs = result.probabilities, other.probabilities
+    assert mine == pytest.approx(theirs, abs=1e-5)
+
+
+def test_batcher_gathers_queued_requests_into_one_forward(stack: Stack, deployed: Deployed) -> None:
+    import asyncio
+
+    from modal_jobs.serving.batcher import Batcher
+    from modal_jobs.serving.serve import ServeOptions
+
+    requests, _ = _requests(stack, deployed)
+
+    async def serve(options: ServeOptions) -> list[tuple[str, int]]:
+        sizes: list[tuple[str, int]] = []
+        batcher = Batcher(stack, options, lambda kind, size: sizes.append((kind, size)))
+        await batcher.start()
+        try:
+            results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        finally:
+            await batcher.stop()
+        assert len(results) == len(requests)
+        return sizes
+
+    batched = asyncio.run(serve(ServeOptions(batch_wait_ms=50, max_batch=4)))
+    assert [size for kind, size in batched if kind == "route"] == [4, 2]
+    unbatched = asyncio.run(serve(ServeOptions(batch_wait_ms=0)))
+    assert [size for kind, size in unbatched if kind == "route"] == [1] * len(requests)
+
+
+def _metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_http_concurrent_requests_and_metrics(server: str, deployed: Deployed) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = _metrics(server)
+    with Image.open(deployed.screens["spreadsheet"]) as image:
+        body = json.dumps({"image": _png(image), "prompt": deployed.prompts["spreadsheet"]})
+    status, alone = _call(server, "POST", "/infer", body.encode())
+    assert status == 200
+    with ThreadPoolExecutor(6) as pool:
+        together = list(
+            pool.map(lambda _: _call(server, "POST", "/infer", body.encode()), range(6))
+        )
+    assert all(s == 200 and a["answer"] == alone["answer"] for s, a in together), together
+    status, _ = _call(server, "POST", "/route", b"{not json")
+    assert status == 400
+    after = _metrics(server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('mole_requests_total{endpoint="/infer",status="200"}') == 7
+    assert delta('mole_request_errors_total{endpoint="/route"}') == 1
+    assert delta('mole_request_seconds_count{endpoint="/infer"}') == 7
+    expert = alone["route"]["expert"]
+    assert delta(f'mole_routed_total{{expert="{expert}"}}') == 7
+    abstained = 7 if alone["route"]["abstained"] else 0
+    assert delta("mole_abstentions_total") == abstained
+    # Seven /infer requests went through some number of routing forwards (batched or not).
+    assert delta('mole_batch_size_sum{kind="route"}') == 7
+    assert 1 <= delta('mole_batch_size_count{kind="route"}') <= 7

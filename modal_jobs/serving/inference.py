@@ -133,7 +133,11 @@ class Stack:
         began = time.perf_counter()
         info = self.router
         item = encode(self.processor, image, info.bounds, info.system_prompt, prompt, None)
-        probs = self.route_encoded([item])[0]
+        return self.decide(self.route_encoded([item])[0], began)
+
+    def decide(self, probs: np.ndarray, began: float) -> Route:
+        """The route that calibrated probabilities over experts give (`began`: perf_counter)."""
+        info = self.router
         best = int(probs.argmax())
         expert = info.labels.experts[best]
         abstained = bool(probs[best] < info.abstain_below)
@@ -163,7 +167,11 @@ class Stack:
         """Greedy `generate()` with whichever adapter is active; the new text of each item."""
         batch = collate(self.processor, items, self.router.bounds)
         batch.pop("labels")
-        batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
+        return self.decode({k: v.to(self.runtime.device) for k, v in batch.items()}, max_new_tokens)
+
+    @torch.no_grad()
+    def decode(self, batch: dict[str, Any], max_new_tokens: int) -> list[str]:
+        """Greedy `generate()` of a model-ready batch (on the device); the new text of each row."""
         tokenizer = self.processor.tokenizer
         out = self.model.generate(  # type: ignore[no-untyped-call]
             **batch,

@@ -1,0 +1,162 @@
+"""Stacked inference for a batch of requests: one routing forward, answers grouped by adapter.
+
+Every adapter is on the language model, so the frozen vision tower gives a screenshot the same
+image embeddings and deepstack features under the router and under any expert. With feature reuse
+on, they are computed once per request, in the routing forward's batch, and handed to the
+answer's `generate()` as `mm_encoder_outputs` (as training's vision cache hands them to the
+model). Answers are generated per adapter group in one left-padded batch, so each row's
+continuation starts right after its own prompt, as it would alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modal_jobs.ml.batching import Encoded, collate, encode, resize_factor, resize_screen
+from modal_jobs.ml.calibration import softmax
+from modal_jobs.ml.model import causal_lm
+from modal_jobs.ml.routing import slot_logits
+from modal_jobs.ml.vision_cache import DEEPSTACK_EMBEDS, IMAGE_EMBEDS, encoder_outputs
+from modal_jobs.serving.inference import MAX_NEW_TOKENS, ROUTER_ADAPTER, Answer, Route, Stack
+
+# A screenshot's frozen vision outputs: merged image embeddings, one tensor per deepstack layer.
+Features = tuple[torch.Tensor, list[torch.Tensor]]
+# Told the kind of each batch run ("route", "answer") and its size, for the metrics.
+BatchObserver = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One request, tokenized: the router's prompt and, for /infer, the expert's prompt."""
+
+    route_item: Encoded
+    answer_item: Encoded | None
+    began: float
+
+
+def prepare(stack: Stack, image: Image.Image, prompt: str, answer: bool) -> Prepared:
+    """Size the screenshot once and tokenize the router prompt (and the answer prompt)."""
+    began = time.perf_counter()
+    info, processor = stack.router, stack.processor
+    pixels = resize_screen(image, info.bounds, resize_factor(processor))
+    route_item = encode(processor, pixels, info.bounds, info.system_prompt, prompt, None)
+    answer_item = encode(processor, pixels, info.bounds, None, prompt, None) if answer else None
+    return Prepared(route_item, answer_item, began)
+
+
+def run_batch(
+    stack: Stack,
+    requests: Sequence[Prepared],
+    reuse_features: bool,
+    observe: BatchObserver | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[Route | Answer]:
+    """Route every request in one forward, then answer the /infer ones, one batch per adapter."""
+    probs, features = route_batch(stack, [r.route_item for r in requests], reuse_features)
+    if observe:
+        observe("route", len(requests))
+    routes = [stack.decide(p, r.began) for p, r in zip(probs, requests, strict=True)]
+    groups: dict[str | None, list[int]] = {}
+    for n, request in enumerate(requests):
+        if request.answer_item is not None:
+            groups.setdefault(routes[n].adapter, []).append(n)
+    texts: dict[int, str] = {}
+    for adapter, members in groups.items():
+        items = [requests[n].answer_item for n in members]
+        chosen = [features[n] for n in members] if features else None
+        answers = answer_batch(stack, items, adapter, chosen, max_new_tokens)
+        texts.update(zip(members, answers, strict=True))
+        if observe:
+            observe("answer", len(members))
+    results: list[Route | Answer] = []
+    for n, request in enumerate(requests):
+        route = routes[n]
+        if n in texts:
+            seconds = time.perf_counter() - request.began
+            results.append(Answer(route, route.adapter, texts[n], seconds))
+        else:
+            results.append(route)
+    return results
+
+
+@torch.inference_mode()
+def route_batch(
+    stack: Stack, items: Sequence[Encoded], reuse_features: bool
+) -> tuple[np.ndarray, list[Features]]:
+    """Calibrated probabilities over experts, and the vision features when they are kept."""
+    if not reuse_features:
+        return stack.route_encoded(items, batch_size=len(items)), []
+    device = stack.runtime.device
+    batch = collate(stack.processor, items, stack.router.bounds)
+    batch.pop("labels")
+    with stack.lock, stack.adapter(ROUTER_ADAPTER):
+        features = vision_features(stack.model, batch, device)
+        inputs = with_features({k: v.to(device) for k, v in batch.items()}, features)
+        label_ids = torch.tensor(list(stack.router.labels.token_ids), device=device)
+        slots = [item.prompt_len - 1 for item in items]
+        logits = slot_logits(stack.model, inputs, slots, label_ids).float().cpu().numpy()
+    return softmax(logits, stack.router.temperature), features
+
+
+@torch.inference_mode()
+def answer_batch(
+    stack: Stack,
+    items: Sequence[Encoded | None],
+    adapter: str | None,
+    features: Sequence[Features] | None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[str]:
+    """Greedy answers of one adapter's requests in one left-padded batch."""
+    encoded = [item for item in items if item is not None]
+    batch = collate(stack.processor, encoded, stack.router.bounds)
+    batch.pop("labels")
+    batch = {k: v.to(stack.runtime.device) for k, v in left_padded(batch).items()}
+    if features is not None:
+        batch = with_features(batch, features)
+    with stack.lock, stack.adapter(adapter):
+        return stack.decode(batch, max_new_tokens)
+
+
+def vision_features(
+    model: Any, batch: dict[str, torch.Tensor], device: torch.device
+) -> list[Features]:
+    """The frozen vision tower's outputs for each screenshot of a collated batch."""
+    grids = batch["image_grid_thw"].to(device)
+    outputs = causal_lm(model).model.get_image_features(
+        batch["pixel_values"].to(device), grids, return_dict=True
+    )
+    return [
+        (embeds, [layer[n] for layer in outputs.deepstack_features])
+        for n, embeds in enumerate(outputs.pooler_output)
+    ]
+
+
+def with_features(batch: dict[str, Any], features: Sequence[Features]) -> dict[str, Any]:
+    """`batch` with its pixels replaced by the screenshots' vision features."""
+    inputs = {k: v for k, v in batch.items() if k != "pixel_values"}
+    inputs[IMAGE_EMBEDS] = [embeds for embeds, _ in features]
+    layers = len(features[0][1]) if features else 0
+    inputs[DEEPSTACK_EMBEDS] = [[deep[layer] for _, deep in features] for layer in range(layers)]
+    return encoder_outputs(inputs)
+
+
+def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch with each row's padding moved in front of its tokens.
+
+    `generate()` appends every row's next token after the last column, so a row's prompt must
+    end there; image rows (`pixel_values`, grids) are per image and stay as they are.
+    """
+    lengths = batch["attention_mask"].sum(1).tolist()
+    width = batch["input_ids"].shape[1]
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        rows = [row.roll(width - int(n)) for row, n in zip(batch[key], lengths, strict=True)]
+        out[key] = torch.stack(rows)
+    return out
