@@ -12,9 +12,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from modal_jobs.demo_data import screen
-from modal_jobs.demo_data.screen import EXPERTS
+from modal_jobs.demo_data.screen import EXPERTS, Sample
+from modal_jobs.ml.conditions import GENERIC_TRAIN, pick
 
 _PNG_COMPRESS_LEVEL = 3
+# Real users send app-specific requests, generic ones and bare screenshots: so do the demo's,
+# so that no instruction identifies an expert by itself and the screen has to decide.
+GENERIC_SHARE = 0.2
+SCREEN_ONLY_SHARE = 0.15
+
+
+def user_instruction(sample: Sample, seed: int, expert: str, i: int) -> str:
+    """The instruction stored for sample `i`: its own, a generic one or none (empty)."""
+    key = f"{seed}:{expert}:{i}:instruction"
+    draw = _sample_rng(seed, f"{expert}:instruction", i).random()
+    if draw < GENERIC_SHARE:
+        return pick(GENERIC_TRAIN, key)
+    if draw < GENERIC_SHARE + SCREEN_ONLY_SHARE:
+        return ""
+    return sample.instruction
 
 
 def _sample_rng(seed: int, expert: str, i: int) -> random.Random:
@@ -39,7 +55,7 @@ def _write_expert(out: Path, expert: str, per_expert: int, seed: int) -> int:
                 "id": f"{expert}-{seed}-{i:05d}",
                 "image": rel,
                 "messages": [
-                    {"role": "user", "content": sample.instruction},
+                    {"role": "user", "content": user_instruction(sample, seed, expert, i)},
                     {"role": "assistant", "content": sample.answer},
                 ],
             }
