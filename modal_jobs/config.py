@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -16,9 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modal_jobs.errors import MoleError
+from modal_jobs.layout import BadName, check_name
 
 M = TypeVar("M", bound=BaseModel)
-EXPERT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+V = TypeVar("V")
 
 
 class ConfigError(MoleError):
@@ -99,14 +99,21 @@ class DatasetConfig(_Strict):
     def _expert_names(cls, value: dict[str, ExpertSpec]) -> dict[str, ExpertSpec]:
         if len(value) < 2:
             raise ValueError("a router needs at least two experts")
-        for name in value:
-            if not EXPERT_NAME.match(name):
-                raise ValueError(f"expert name {name!r} must match {EXPERT_NAME.pattern}")
-        return value
+        return _plain_names(value, "expert name")
 
     def label_of(self, expert: str) -> str:
         """The word the router answers with for this expert (its name unless `label` is set)."""
         return self.experts[expert].label or expert
+
+
+def _plain_names(value: dict[str, V], what: str) -> dict[str, V]:
+    """`value` if every key passes the layout's name gate (keys become folder names)."""
+    for name in value:
+        try:
+            check_name(name, what)
+        except BadName as exc:
+            raise ValueError(str(exc)) from None
+    return value
 
 
 class RouterPolicy(_Strict):
@@ -127,6 +134,21 @@ class ExpertAdapter(_Strict):
     adapter: str
     dataset: str | None = None
 
+    @field_validator("adapter")
+    @classmethod
+    def _inside_inference_volume(cls, value: str) -> str:
+        # A relative adapter is a managed one, written under the inference volume: each part of
+        # its path must be a plain name, so it can never point outside that volume.
+        if not Path(value).is_absolute():
+            for part in Path(value).parts:
+                try:
+                    check_name(part, "adapter path part")
+                except BadName as exc:
+                    raise ValueError(
+                        f"{exc}; or give an absolute path to your own adapter"
+                    ) from None
+        return value
+
 
 class LorasConfig(_Strict):
     """`config/loras.json`: the base model preset and the registered expert adapters."""
@@ -134,6 +156,11 @@ class LorasConfig(_Strict):
     base_model: str
     router: RouterPolicy = RouterPolicy()
     experts: dict[str, ExpertAdapter] = {}
+
+    @field_validator("experts")
+    @classmethod
+    def _expert_names(cls, value: dict[str, ExpertAdapter]) -> dict[str, ExpertAdapter]:
+        return _plain_names(value, "expert name")
 
 
 class TextDims(_Strict):

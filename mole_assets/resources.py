@@ -10,6 +10,7 @@ import dagster as dg
 from dagster_modal import ModalClient
 
 from modal_jobs.config import ConfigError, MoleConfig, load_config
+from modal_jobs.errors import MoleError
 from modal_jobs.launch.compute import STAGE_LAUNCHES, modal_plan, stage_command, train_procs
 from modal_jobs.launch.pipes import BAD_INPUT_EXTRA
 from modal_jobs.layout import Volumes, mole_home
@@ -62,8 +63,16 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return Volumes.local(self.home_path())
 
     def spec(self, run: str, **extra: Any) -> dict[str, Any]:
-        """The JSON stage spec for `run` (plus stage-specific fields)."""
-        spec = StageSpec(run=run, config=self.load(), volumes=self.volumes())
+        """The JSON stage spec for `run` (plus stage-specific fields).
+
+        Bad input found here — a partition name that is not a plain name (added through the UI
+        or GraphQL, which do not check it), an invalid config — fails once, before anything is
+        launched or written.
+        """
+        try:
+            spec = StageSpec(run=run, config=self.load(), volumes=self.volumes())
+        except MoleError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
         return {**spec.model_dump(mode="json"), **extra}
 
     def selected_backend(self) -> str:

@@ -21,13 +21,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
@@ -49,6 +48,7 @@ from modal_jobs.ml.vision_cache import SAMPLE_IDS, VisionCache, worth_caching
 from modal_jobs.stage import (
     StageResult,
     StageSpec,
+    TrainOptions,
     json_value,
     number,
     path_value,
@@ -65,22 +65,8 @@ KEEP_CHECKPOINTS = 2
 ResumePointHook = Callable[[Path], None] | None
 
 
-class TrainSpec(StageSpec):
-    """Router-training hyper-parameters; unset ones come from the model preset."""
-
-    mode: Literal["full", "fast", "test"] = "full"
-    steps: int | None = None
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    warmup_steps: int | None = None
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    # None: on for CUDA, off on CPU (see `gradient_checkpointing`).
-    gradient_checkpointing: bool | None = None
-    # Share of drawn samples whose instruction is swapped for a generic one or none
-    # (modal_jobs/ml/dropout.py): the router learns to route from the screen alone.
-    instruction_dropout: float = Field(0.5, ge=0, le=1)
+class TrainSpec(StageSpec, TrainOptions):
+    """A router-training run: the run, config and volumes plus its options."""
 
     def total_steps(self) -> int:
         """Steps this run trains for, after the mode is applied."""
