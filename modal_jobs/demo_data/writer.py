@@ -11,8 +11,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from modal_jobs.demo_data import screen
-from modal_jobs.demo_data.screen import EXPERTS, Sample
+from modal_jobs.demo_data.screen import EXPERTS, Sample, render_sample
 from modal_jobs.ml.conditions import GENERIC_TRAIN, pick
 
 _PNG_COMPRESS_LEVEL = 3
@@ -46,7 +45,7 @@ def _write_expert(out: Path, expert: str, per_expert: int, seed: int) -> int:
         (ds / "images").mkdir(parents=True)
         lines = []
         for i in range(per_expert):
-            sample = screen.render_sample(expert, _sample_rng(seed, expert, i))
+            sample = render_sample(expert, _sample_rng(seed, expert, i))
             rel = f"images/{i:05d}.png"
             sample.image.save(
                 ds / rel, format="PNG", optimize=False, compress_level=_PNG_COMPRESS_LEVEL
