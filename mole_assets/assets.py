@@ -167,6 +167,9 @@ def eval_report(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterat
     kinds={"json"},
     code_version="1",
     description="The router published to the inference volume and made current in the registry.",
+    # One deploy at a time per Dagster instance; on Modal the deploy function's
+    # max_containers=1 serializes deploys across instances too.
+    pool="deploy",
 )
 def deployed_router(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterator[Any]:
     """Atomically publish the run's router (refused below the accuracy gate)."""

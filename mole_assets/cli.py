@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -141,17 +142,18 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def _dry_run(name: str, selection: dg.AssetSelection, mode: str | None) -> int:
+    from modal_jobs.launch.table import STAGES
     from mole_assets.definitions import defs
-    from mole_assets.resources import STAGES, MoleResource
+    from mole_assets.resources import MoleResource
 
     graph = defs.resolve_asset_graph()
     keys = selection.resolve(graph)
     mole = MoleResource()
+    # Every stage is listed with its launcher; `selected` says whether this run would launch it.
     for key in graph.toposorted_asset_keys:
-        stage = STAGES.get(key.to_user_string())
-        if key not in keys or stage is None:
+        if key.to_user_string() not in STAGES:
             continue
-        plan = mole.plan(stage, name, key.to_user_string())
+        plan = {**mole.plan(key.to_user_string(), name), "selected": key in keys}
         print(f"{key.to_user_string()}: {json.dumps(plan, sort_keys=True)}")
     if mode:
         print(f"router_checkpoint mode: {mode}")
@@ -176,11 +178,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy a run's router (or roll back to the previous deployment)."""
+    from modal_jobs.launch import modal_cli
     from modal_jobs.serving.registry import read_registry, rollback
 
     volumes = Volumes.local()
     if args.rollback:
-        print(f"rolled back: current router is {rollback(volumes)}")
+        # On Modal the registry lives on the inference volume: roll back in the deploy container.
+        on_modal = os.environ.get("MOLE_BACKEND") == "modal"
+        current = modal_cli.rollback() if on_modal else rollback(volumes)
+        print(f"rolled back: current router is {current}")
         return 0
     if not args.name:
         raise CliError("mole deploy needs a run name (or --rollback)")

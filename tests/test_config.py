@@ -256,7 +256,7 @@ def test_local_preset_incomplete(cfg: Path) -> None:
     line = line_of(cfg / "models.yaml", "tiny:")
     message = config_error(cfg)
     assert message.startswith(f"<cfg>/models.yaml:{line}: key 'tiny'"), message
-    assert "a local preset needs text, vision, vocab_size and pretrain" in message
+    assert "a local preset needs text, vision and vocab_size" in message
 
 
 def test_models_not_a_mapping(cfg: Path) -> None:

@@ -35,7 +35,7 @@ from modal_jobs.artifacts import read_index
 from modal_jobs.atomic import atomic_dir, write_json
 from modal_jobs.config import ConfigError, ImageBounds
 from modal_jobs.hashing import file_sha256
-from modal_jobs.ml import plots
+from modal_jobs.ml import memory, plots
 from modal_jobs.ml.batching import collate
 from modal_jobs.ml.distributed import Ranks, agree, all_sum, barrier, data_parallel, process_group
 from modal_jobs.ml.dropout import InstructionDropout
@@ -118,6 +118,11 @@ def run(spec: TrainSpec, on_resume_point: ResumePointHook = None) -> StageResult
         index = read_index(spec.layout.shards)
         train = training_split(spec, index)
         order = batch_plan(train, hyper, spec.seed, ranks)
+        shares = (ranks.share(order.at(step)) for step in range(hyper.steps))
+        checkpointing = gradient_checkpointing(spec, runtime)
+        memory.check_plan(
+            index["base"], spec.config.preset.lora, runtime, checkpointing, shares, train
+        )
 
         # model
         processor = load_processor(index["base"])
