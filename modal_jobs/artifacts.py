@@ -17,6 +17,8 @@ from modal_jobs.layout import Volumes
 from modal_jobs.stage import StageSpec
 
 SPLITS = ("train", "val", "eval")
+# Screens of no expert: `ood_val` chooses the abstention score, `ood_eval` is held out.
+OOD_SPLITS = ("ood_val", "ood_eval")
 
 
 class ExpertsError(MoleError):

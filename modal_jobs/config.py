@@ -71,6 +71,17 @@ class ExpertSpec(_Strict):
         return value
 
 
+class OodSpec(_Strict):
+    """Screens of no expert drawn for the routing dataset (never trained on).
+
+    `count` images in all (0: none, and the router never abstains); `val_fraction` of them
+    choose the abstention score, the rest are held out for the report.
+    """
+
+    count: int = Field(120, ge=0)
+    val_fraction: float = Field(0.5, gt=0, lt=1)
+
+
 class DatasetConfig(_Strict):
     """`config/dataset.yaml`: where expert data lives and how the routing dataset is built."""
 
@@ -81,6 +92,7 @@ class DatasetConfig(_Strict):
     shortfall: Literal["error", "use_available"] = "error"
     system_prompt: str = "Answer with the name of the expert that should handle this screenshot."
     image: ImageBounds | None = None
+    ood: OodSpec = OodSpec()
 
     @field_validator("experts")
     @classmethod
@@ -105,10 +117,14 @@ def _plain_names(value: dict[str, V], what: str) -> dict[str, V]:
 
 
 class RouterPolicy(_Strict):
-    """Deployment gate and abstention threshold for the router."""
+    """Deployment gate and abstention for the router.
+
+    `coverage`: the share of in-distribution val screens the router must keep routing; the
+    abstention threshold is the score that keeps that share, chosen on val by eval_report.
+    """
 
     min_accuracy: float = Field(0.8, ge=0, le=1)
-    abstain_below: float = Field(0.5, ge=0, le=1)
+    coverage: float = Field(0.95, gt=0, le=1)
     auto_deploy: bool = False
 
 

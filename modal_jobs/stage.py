@@ -48,6 +48,12 @@ def text(value: str) -> MetadataValue:
     return {"type": "text", "raw_value": value}
 
 
+def table(records: list[dict[str, Any]], columns: dict[str, str]) -> MetadataValue:
+    """A table in the Dagster UI: rows of plain values and each column's type (`text`, `float`…)."""
+    schema = [{"name": name, "type": kind} for name, kind in columns.items()]
+    return {"type": "table", "raw_value": {"records": records, "schema": schema}}
+
+
 def png_markdown(png: bytes, alt: str) -> MetadataValue:
     """A PNG shown inline in the Dagster UI (markdown with a data URI)."""
     encoded = base64.b64encode(png).decode()
@@ -130,6 +136,12 @@ class TrainOptions(BaseModel):
     log_every: int = Field(10, description="Steps between loss log lines.")
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations in backward; unset: on for CUDA, off on CPU."
+    )
+    instruction_dropout: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of drawn samples given a generic instruction or none (route by screen).",
     )
 
 

@@ -17,6 +17,8 @@ from modal_jobs.demo_data import write_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 PER_EXPERT = 24
+# Screens of no expert per test run (the demo draws 120): two of each kind in each part.
+OOD_COUNT = 24
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,6 +63,7 @@ def write_config(
     data = yaml.safe_load((target / "dataset.yaml").read_text())
     data["experts_dir"] = str(experts)
     data["experts"] = {name: {**spec, "count": count} for name, spec in data["experts"].items()}
+    data["ood"] = {"count": OOD_COUNT, "val_fraction": 0.5}
     data.update(dataset or {})
     (target / "dataset.yaml").write_text(yaml.safe_dump(data))
     loras = json.loads((target / "loras.json").read_text())

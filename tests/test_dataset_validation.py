@@ -15,15 +15,16 @@ from typing import Any
 
 import pytest
 
-from modal_jobs.artifacts import SPLITS, read_split
+from modal_jobs.artifacts import OOD_SPLITS, SPLITS, read_split
 from modal_jobs.config import load_config
+from modal_jobs.demo_data.ood import OOD_KINDS
 from modal_jobs.hashing import expert_version
 from modal_jobs.layout import Volumes
 from modal_jobs.stage import StageSpec
 from modal_jobs.stages import dataset
 from modal_jobs.stages.dataset import DatasetError
 
-from .conftest import MakeConfig, copy_experts
+from .conftest import OOD_COUNT, MakeConfig, copy_experts
 
 EXPERTS = ("calendar", "code_editor", "email", "map", "spreadsheet", "terminal")
 COUNT = 6
@@ -97,6 +98,8 @@ def test_happy_path_writes_splits_and_manifest(env: Env) -> None:
         "eval.jsonl",
         "images",
         "manifest.json",
+        "ood_eval.jsonl",
+        "ood_val.jsonl",
         "train.jsonl",
         "val.jsonl",
     ]
@@ -137,6 +140,18 @@ def test_happy_path_writes_splits_and_manifest(env: Env) -> None:
     ]
     assert result.data_version == manifest["dataset_version"][:16]
     assert result.metadata["num_samples"]["raw_value"] == 60
+
+    # Screens of no expert: every kind in both parts, no label, none shared with another split.
+    ood = {split: read_split(root, split) for split in OOD_SPLITS}
+    assert manifest["ood_counts"] == {"ood_val": OOD_COUNT // 2, "ood_eval": OOD_COUNT // 2}
+    every = {p for rows_ in rows.values() for p in (r["image"] for r in rows_)}
+    for ood_rows in ood.values():
+        assert {r["kind"] for r in ood_rows} == set(OOD_KINDS)
+        assert all("expert" not in r and "label" not in r for r in ood_rows)
+        images = {r["image"] for r in ood_rows}
+        assert len(images) == len(ood_rows) and not images & every
+        assert all((root / p).name == f"{sha(root / p)}.png" for p in images)
+    assert not {r["image"] for r in ood["ood_val"]} & {r["image"] for r in ood["ood_eval"]}
 
 
 def test_rerun_is_deterministic(env: Env) -> None:

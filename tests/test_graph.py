@@ -125,6 +125,8 @@ def test_artifacts_on_the_run_volume(materialized: Materialized) -> None:
         "train.jsonl",
         "val.jsonl",
         "eval.jsonl",
+        "ood_val.jsonl",
+        "ood_eval.jsonl",
     }
     assert (layout.checkpoint / "adapter_config.json").is_file()
     assert (layout.checkpoint / "adapter_model.safetensors").is_file()

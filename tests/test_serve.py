@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -131,6 +133,52 @@ def test_infer_runs_the_routed_expert_adapter(deployed: Deployed) -> None:
     item = encode(stack.processor, rgb, stack.router.bounds, None, prompt, None)
     with stack.adapter(answer["adapter"]):
         assert stack.generate([item], 48)[0] == answer["answer"]
+
+
+def test_report_per_condition_and_abstention(deployed: Deployed) -> None:
+    """`mole report --json` carries every prompt condition and the held-out abstention figures."""
+    done = _mole(deployed, "report", RUN, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    for condition in ("instruction", "generic", "none"):
+        row = report["conditions"][condition]
+        assert {"accuracy", "macro_f1", "ece"} <= set(row) and row["n"] == report["n"]
+    # The own-instruction condition is the headline accuracy, scored on the same screenshots.
+    assert report["conditions"]["instruction"]["accuracy"] == report["accuracy"]
+    ood = report["ood"]
+    assert {"auroc", "abstain_rate", "coverage", "selective_accuracy", "n"} <= set(ood)
+    assert ood["score"] in ood["candidates"] and len(ood["candidates"]) == 4
+    threshold = ood["threshold"]
+    assert ood["abstain_rate"] == np.mean(np.array(ood["scores"]["out"]) < threshold)
+    assert ood["coverage"] == np.mean(np.array(ood["scores"]["in"]) >= threshold)
+    frame = pd.read_csv(deployed.volumes.run(RUN).report / "predictions.csv")
+    assert len(frame) == 3 * report["n"] + ood["n"]
+    assert {"id", "expert", "routed", "probabilities", "abstained", "condition"} <= set(frame)
+    held_out = frame[frame["kind"] != "expert"]
+    assert held_out["abstained"].mean() == pytest.approx(ood["abstain_rate"])
+    current = json.loads(deployed.volumes.registry.read_text())["current"]
+    router = json.loads((deployed.volumes.routers / current / "router.json").read_text())
+    assert router["ood"] == ood["router"]
+
+
+def test_unknown_screens_abstain_and_infer_uses_the_bare_base(deployed: Deployed) -> None:
+    """A blank screen and noise are no expert's: route abstains, infer runs no adapter."""
+    rng = np.random.default_rng(7)
+    screens = {
+        "blank": Image.new("RGB", (800, 500), "white"),
+        "noise": Image.fromarray(rng.integers(0, 256, (500, 800, 3), dtype=np.uint8)),
+    }
+    for name, image in screens.items():
+        path = deployed.screens["calendar"].with_name(f"{name}.png")
+        image.save(path)
+        done = _mole(deployed, "route", str(path), "--json")
+        assert done.returncode == 0, done.stderr[-2000:]
+        route = json.loads(done.stdout)
+        assert route["abstained"] is True and route["adapter"] is None, (name, route)
+    done = _mole(deployed, "infer", str(path), "--prompt", "What is this?", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout)
+    assert answer["route"]["abstained"] is True and answer["adapter"] is None
 
 
 # --- HTTP API ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Classification metrics for the router: accuracy, macro-F1, per-class P/R/F1, confusion."""
+"""Classification metrics for the router: accuracy, macro-F1, per-class P/R/F1, confusion, AUROC."""
 
 from __future__ import annotations
 
@@ -51,3 +51,24 @@ def markdown_table(report: dict[str, Any]) -> str:
     for label, row in zip(labels, report["confusion_matrix"], strict=True):
         lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Chance that a random `positive` score exceeds a random `negative` one (ties count half).
+
+    The Mann-Whitney U statistic over the pooled ranks (average ranks for ties), divided by the
+    number of pairs; 0.5 when either side is empty.
+    """
+    if not len(positive) or not len(negative):
+        return 0.5
+    pooled = np.concatenate([positive, negative]).astype(np.float64)
+    order = np.argsort(pooled, kind="stable")
+    ranks = np.empty(len(pooled))
+    ranks[order] = np.arange(1, len(pooled) + 1)
+    _, inverse, counts = np.unique(pooled, return_inverse=True, return_counts=True)
+    sums = np.zeros(len(counts))
+    np.add.at(sums, inverse, ranks)
+    ranks = (sums / counts)[inverse]
+    n_pos, n_neg = len(positive), len(negative)
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))

@@ -1,4 +1,4 @@
-"""PNG figures for asset metadata: loss curve, confusion matrix, reliability, risk-coverage."""
+"""PNG figures for asset metadata: loss curve, confusion, reliability, risk-coverage, OOD scores."""
 
 from __future__ import annotations
 
@@ -79,5 +79,23 @@ def risk_coverage(curve: dict[str, Sequence[float]]) -> bytes:
     axis.set_xlim(0, 1.02)
     axis.set_xlabel("coverage (share of screenshots routed)")
     axis.set_ylabel("risk (routing error rate)")
+    axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def score_distributions(
+    inside: Sequence[float], outside: Sequence[float], threshold: float, name: str
+) -> bytes:
+    """Histograms of an abstention score on expert screens and on screens of none."""
+    figure, axis = plt.subplots(figsize=(5.4, 3.4))
+    values = [*inside, *outside]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    bins = [low + (high - low) * i / 40 for i in range(41)] if high > low else 10
+    axis.hist(list(inside), bins=bins, alpha=0.6, label=f"experts' screens ({len(inside)})")
+    axis.hist(list(outside), bins=bins, alpha=0.6, label=f"screens of none ({len(outside)})")
+    axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+    axis.set_xlabel(f"{name} (below the threshold: abstain)")
+    axis.set_ylabel("screenshots")
+    axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     return _png(figure)

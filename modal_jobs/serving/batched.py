@@ -15,14 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from modal_jobs.ml.batching import Encoded, collate, encode, resize_factor, resize_screen
-from modal_jobs.ml.calibration import softmax
 from modal_jobs.ml.model import causal_lm
-from modal_jobs.ml.routing import slot_logits
+from modal_jobs.ml.ood import SlotFeatures, slot_rows
 from modal_jobs.ml.vision_cache import DEEPSTACK_EMBEDS, IMAGE_EMBEDS, encoder_outputs
 from modal_jobs.serving.inference import MAX_NEW_TOKENS, ROUTER_ADAPTER, Answer, Route, Stack
 
@@ -59,10 +57,10 @@ def run_batch(
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[Route | Answer]:
     """Route every request in one forward, then answer the /infer ones, one batch per adapter."""
-    probs, features = route_batch(stack, [r.route_item for r in requests], reuse_features)
+    slots, features = route_batch(stack, [r.route_item for r in requests], reuse_features)
     if observe:
         observe("route", len(requests))
-    routes = [stack.decide(p, r.began) for p, r in zip(probs, requests, strict=True)]
+    routes = stack.decide(slots, [r.began for r in requests])
     groups: dict[str | None, list[int]] = {}
     for n, request in enumerate(requests):
         if request.answer_item is not None:
@@ -89,10 +87,10 @@ def run_batch(
 @torch.inference_mode()
 def route_batch(
     stack: Stack, items: Sequence[Encoded], reuse_features: bool
-) -> tuple[np.ndarray, list[Features]]:
-    """Calibrated probabilities over experts, and the vision features when they are kept."""
+) -> tuple[SlotFeatures, list[Features]]:
+    """The router's answer-slot features, and the vision features when they are kept."""
     if not reuse_features:
-        return stack.route_encoded(items, batch_size=len(items)), []
+        return stack.route_features(items), []
     device = stack.runtime.device
     batch = collate(stack.processor, items, stack.router.bounds)
     batch.pop("labels")
@@ -101,8 +99,8 @@ def route_batch(
         inputs = with_features({k: v.to(device) for k, v in batch.items()}, features)
         label_ids = torch.tensor(list(stack.router.labels.token_ids), device=device)
         slots = [item.prompt_len - 1 for item in items]
-        logits = slot_logits(stack.model, inputs, slots, label_ids).float().cpu().numpy()
-    return softmax(logits, stack.router.temperature), features
+        logits, mass, hidden = slot_rows(stack.model, inputs, slots, label_ids)
+    return SlotFeatures(logits, mass, hidden, []), features
 
 
 @torch.inference_mode()

@@ -2,8 +2,9 @@
 
 `route` is one forward pass with the router adapter active (softmax over the experts' first label
 tokens, divided by the calibrated temperature). `infer` then activates the routed expert's adapter
-(`set_adapter`), or disables adapters when the router abstains (top probability below
-`abstain_below`) or the routed expert has no registered adapter, and `generate()`s the answer.
+(`set_adapter`), or disables adapters when the router abstains (the screen's abstention score,
+chosen by eval_report, is below the threshold in router.json: see modal_jobs/ml/ood.py) or the
+routed expert has no registered adapter, and `generate()`s the answer.
 A lock serialises requests: the active adapter is model-wide state.
 """
 
@@ -30,7 +31,7 @@ from modal_jobs.ml.batching import Encoded, collate, encode
 from modal_jobs.ml.calibration import softmax
 from modal_jobs.ml.labels import LabelMap
 from modal_jobs.ml.model import Runtime, load_base, load_processor
-from modal_jobs.ml.routing import score
+from modal_jobs.ml.ood import Abstention, SlotFeatures, slot_features
 from modal_jobs.serving.registry import current_router
 
 # Adapter names inside the PeftModel; experts use their own names, which may not start with "_".
@@ -47,8 +48,9 @@ class RouterInfo:
     labels: LabelMap
     system_prompt: str
     bounds: ImageBounds
-    abstain_below: float
     temperature: float
+    # None: a router without an out-of-distribution set to choose a threshold on never abstains.
+    abstention: Abstention | None
 
     @classmethod
     def load(cls, folder: Path) -> RouterInfo:
@@ -60,8 +62,8 @@ class RouterInfo:
             labels=LabelMap.from_json(data["labels"]),
             system_prompt=data["system_prompt"],
             bounds=ImageBounds(**data["image_bounds"]),
-            abstain_below=float(data["abstain_below"]),
             temperature=float(data.get("temperature", 1.0)),
+            abstention=Abstention.load(folder, data.get("ood")),
         )
 
 
@@ -119,28 +121,43 @@ class Stack:
         router = RouterInfo.load(current_router(volumes))
         return cls(router, require_adapters(config, volumes), Runtime.detect())
 
-    def route_encoded(self, items: Sequence[Encoded], batch_size: int = 32) -> np.ndarray:
-        """Calibrated probabilities over experts for already-encoded router prompts."""
-        labels = self.router.labels
+    def route_features(self, items: Sequence[Encoded]) -> SlotFeatures:
+        """The answer slot's label logits, label mass and hidden state, router adapter active."""
+        info = self.router
         with self.lock, self.adapter(ROUTER_ADAPTER):
-            scores = score(
-                self.model, self.processor, items, self.router.bounds, labels.token_ids, batch_size
+            return slot_features(
+                self.model, self.processor, items, info.bounds, info.labels.token_ids
             )
-        return softmax(scores.logits, self.router.temperature)
+
+    def abstains(self, features: SlotFeatures) -> np.ndarray:
+        """Per item: whether the router falls back to the bare base (a screen of no expert)."""
+        abstention = self.router.abstention
+        if abstention is None:
+            return np.zeros(len(features.logits), dtype=bool)
+        return abstention.abstains(features, self.router.temperature)
 
     def route(self, image: Image.Image, prompt: str) -> Route:
         """Route one screenshot (+ instruction) in a single forward pass."""
         began = time.perf_counter()
         info = self.router
         item = encode(self.processor, image, info.bounds, info.system_prompt, prompt, None)
-        return self.decide(self.route_encoded([item])[0], began)
+        return self.decide(self.route_features([item]), [began])[0]
 
-    def decide(self, probs: np.ndarray, began: float) -> Route:
-        """The route that calibrated probabilities over experts give (`began`: perf_counter)."""
+    def decide(self, features: SlotFeatures, began: Sequence[float]) -> list[Route]:
+        """The routes the router's slot features give (`began`: each request's perf_counter)."""
+        info = self.router
+        abstains = self.abstains(features)
+        return [
+            self._route(probs, bool(abstained), start)
+            for probs, abstained, start in zip(
+                softmax(features.logits, info.temperature), abstains, began, strict=True
+            )
+        ]
+
+    def _route(self, probs: np.ndarray, abstained: bool, began: float) -> Route:
         info = self.router
         best = int(probs.argmax())
         expert = info.labels.experts[best]
-        abstained = bool(probs[best] < info.abstain_below)
         adapter = None if abstained or expert not in self.experts else expert
         return Route(
             expert=expert,

@@ -5,7 +5,9 @@ Input contract: `<experts_dir>/<expert>/datasets/**/*.jsonl`, one object a line 
 is collected with its file and line; any defect fails the stage before anything is written.
 Output (written to a temporary folder, renamed into place whole): `{train,val,eval}.jsonl`,
 content-addressed `images/<sha256>.<ext>`, and `manifest.json` with source data versions,
-counts and hashes.
+counts and hashes. Beside them, `ood_val.jsonl` and `ood_eval.jsonl`: screens of no expert drawn
+here from the dataset seed (modal_jobs/demo_data/ood.py), never trained on, for choosing and
+then judging when the router abstains.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from typing import Any
 
 from PIL import Image
 
-from modal_jobs.artifacts import SPLITS, read_split
+from modal_jobs.artifacts import OOD_SPLITS, SPLITS, read_split
 from modal_jobs.atomic import atomic_dir, write_json
+from modal_jobs.demo_data.ood import OOD_KINDS, render_ood
 from modal_jobs.errors import MoleError
 from modal_jobs.hashing import combine, expert_version, file_sha256
+from modal_jobs.ml.conditions import GENERIC_EVAL, pick
 from modal_jobs.stage import Check, StageResult, StageSpec, json_value, md, number, path_value
 
 MAX_IMAGE_PIXELS = 50_000_000
@@ -288,20 +292,58 @@ def _write(
             path = staging / f"{split}.jsonl"
             path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
             hashes[split] = file_sha256(path)
+        ood_counts = write_ood(staging, dataset.seed, dataset.ood.count, dataset.ood.val_fraction)
+        hashes.update({s: file_sha256(staging / f"{s}.jsonl") for s in OOD_SPLITS})
         manifest = {
             "run": spec.run,
-            "dataset_version": combine(f"{s}:{hashes[s]}" for s in SPLITS),
+            "dataset_version": combine(f"{s}:{hashes[s]}" for s in (*SPLITS, *OOD_SPLITS)),
             "source_versions": versions,
             "split_sha256": hashes,
             "counts": {
                 s: dict(sorted(Counter(r.expert for r in splits[s]).items())) for s in SPLITS
             },
+            "ood_counts": ood_counts,
             "labels": {name: dataset.label_of(name) for name in dataset.experts},
             "system_prompt": dataset.system_prompt,
             "config": dataset.model_dump(mode="json"),
         }
         write_json(staging / "manifest.json", manifest)
     return manifest
+
+
+def write_ood(staging: Path, seed: int, count: int, val_fraction: float) -> dict[str, int]:
+    """`ood_val.jsonl` and `ood_eval.jsonl` with their screens; returns the count of each.
+
+    The kinds take turns, so both parts hold every kind; each screen is a function of (seed,
+    part, number). Half the screens come with a generic instruction (from the eval wordings,
+    which training never sees), half with none: the router must abstain on the screen alone.
+    """
+    n_val = round(count * val_fraction)
+    counts = {}
+    for split, size in zip(OOD_SPLITS, (n_val, count - n_val), strict=True):
+        rows = []
+        for i in range(size):
+            kind = OOD_KINDS[i % len(OOD_KINDS)]
+            key = f"{seed}:{split}:{i}"
+            image = render_ood(kind, random.Random(key))
+            partial = staging / "images" / f".{split}-{i}.png"
+            image.save(partial, format="PNG", compress_level=3)
+            name = f"images/{file_sha256(partial)}.png"
+            partial.replace(staging / name)
+            instruction = pick(GENERIC_EVAL, key) if i % 2 else ""
+            rows.append(
+                {
+                    "id": f"{split}/{kind}-{i:04d}",
+                    "kind": kind,
+                    "image": name,
+                    "instruction": instruction,
+                }
+            )
+        (staging / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        )
+        counts[split] = size
+    return counts
 
 
 def _row(staging: Path, record: Record, label: str) -> dict[str, Any]:
@@ -340,16 +382,15 @@ def _result(spec: StageSpec, manifest: dict[str, Any]) -> StageResult:
 
 def verify(root: Path, spec: StageSpec) -> list[Check]:
     """Asset checks on the written dataset: class balance, split leakage, decodable images."""
-    rows = {split: read_split(root, split) for split in SPLITS}
+    rows = {split: read_split(root, split) for split in (*SPLITS, *OOD_SPLITS)}
     train_counts = Counter(r["expert"] for r in rows["train"])
     expected = set(spec.config.dataset.experts)
     low, high = min(train_counts.values(), default=0), max(train_counts.values(), default=0)
     balanced = set(train_counts) == expected and low > 0 and high <= 1.5 * low
     images = {split: {r["image"] for r in split_rows} for split, split_rows in rows.items()}
-    shared = (
-        (images["train"] & images["eval"])
-        | (images["train"] & images["val"])
-        | (images["val"] & images["eval"])
+    names = list(images)
+    shared = set().union(
+        *(images[a] & images[b] for i, a in enumerate(names) for b in names[i + 1 :])
     )
     broken = sorted(p for p in set().union(*images.values()) if decode_problem(root / p))
     return [
@@ -362,7 +403,7 @@ def verify(root: Path, spec: StageSpec) -> list[Check]:
         Check(
             "split_leakage",
             not shared,
-            "no image appears in two splits",
+            "no image appears in two splits (out-of-distribution parts included)",
             {"shared_images": number(len(shared))},
         ),
         Check(

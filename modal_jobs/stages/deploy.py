@@ -58,6 +58,7 @@ def run(spec: StageSpec) -> StageResult:
 
 def _write_version(spec: StageSpec, target: Path, report: dict[str, Any]) -> None:
     index = read_index(spec.layout.shards)
+    abstention = report["ood"]["router"] if report.get("ood") else None
     with atomic_dir(target) as staging:
         for name in ADAPTER_FILES:
             shutil.copyfile(spec.layout.checkpoint / name, staging / name)
@@ -69,10 +70,14 @@ def _write_version(spec: StageSpec, target: Path, report: dict[str, Any]) -> Non
                 "labels": index["labels"],
                 "system_prompt": index["system_prompt"],
                 "image_bounds": index["image_bounds"],
-                "abstain_below": spec.config.loras.router.abstain_below,
                 "temperature": report["calibration"]["temperature"],
+                "ood": abstention,
             },
         )
+        # A file the abstention score reads (the prototypes) travels with router.json.
+        if abstention and abstention.get("prototypes"):
+            name = abstention["prototypes"]
+            shutil.copyfile(spec.layout.report / name, staging / name)
 
 
 if __name__ == "__main__":

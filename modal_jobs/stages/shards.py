@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from modal_jobs.artifacts import SPLITS, read_split
+from modal_jobs.artifacts import OOD_SPLITS, SPLITS, read_split
 from modal_jobs.atomic import atomic_dir, write_json
 from modal_jobs.config import ConfigError, ImageBounds
 from modal_jobs.hashing import combine, file_sha256
@@ -42,6 +42,10 @@ from modal_jobs.ml.shard_files import pack
 from modal_jobs.stage import Check, StageResult, StageSpec, json_value, number, path_value, text
 
 log = logging.getLogger(__name__)
+
+# The out-of-distribution screens are prompts only (no label, class -1): scored, never trained on.
+ALL_SPLITS = (*SPLITS, *OOD_SPLITS)
+NO_EXPERT = -1
 
 SHARD_SIZE = 512
 # Rows one local process encodes at a time: small enough to share a shard between processes.
@@ -113,7 +117,7 @@ def parts_dir(spec: StageSpec) -> Path:
 def plan(spec: StageSpec) -> list[Chunk]:
     """Every split cut into chunks of `SHARD_SIZE` rows."""
     chunks = []
-    for split in SPLITS:
+    for split in ALL_SPLITS:
         total = len(read_split(spec.layout.dataset, split))
         for start in range(0, total, SHARD_SIZE):
             stop = min(start + SHARD_SIZE, total)
@@ -154,13 +158,16 @@ class Encoder:
     def _row(self, processor: Any, row: dict[str, Any]) -> Encoded:
         image = read_screen(self.dataset_dir / row["image"])
         return encode(
-            processor, image, self.bounds, self.system_prompt, row["instruction"], row["label"]
+            processor, image, self.bounds, self.system_prompt, row["instruction"], row.get("label")
         )
 
 
 def classes_of(labels: LabelMap, rows: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Each row's expert as an index into the label map."""
-    return np.array([labels.experts.index(row["expert"]) for row in rows], dtype=np.int64)
+    """Each row's expert as an index into the label map (`NO_EXPERT` for a screen of none)."""
+    return np.array(
+        [labels.experts.index(row["expert"]) if "expert" in row else NO_EXPERT for row in rows],
+        dtype=np.int64,
+    )
 
 
 def write_chunk(
@@ -188,7 +195,7 @@ def tokenize_locally(
     Each chunk is written by this process, in order of its pieces, as soon as all of them are
     back: the same file whoever encoded which piece, and only a few chunks are held in memory.
     """
-    rows = {split: read_split(spec.layout.dataset, split) for split in SPLITS}
+    rows = {split: read_split(spec.layout.dataset, split) for split in ALL_SPLITS}
     labels = label_map(spec.config.dataset, processor)
     pieces = [
         (number, rows[chunk.split][start : min(start + PIECE_SIZE, chunk.stop)])
@@ -331,7 +338,7 @@ def finish(
     parts = parts_dir(spec)
     splits: dict[str, Any] = {}
     with atomic_dir(spec.layout.shards) as staging:
-        for split in SPLITS:
+        for split in ALL_SPLITS:
             mine = sorted((e for e in entries if e["split"] == split), key=lambda e: e["name"])
             for entry in mine:
                 (parts / entry["name"]).replace(staging / entry["name"])
@@ -350,7 +357,7 @@ def finish(
             "splits": splits,
         }
         index["shards_version"] = combine(
-            f"{s}:{f['sha256']}" for s in SPLITS for f in splits[s]["files"]
+            f"{s}:{f['sha256']}" for s in ALL_SPLITS for f in splits[s]["files"]
         )
         write_json(staging / "index.json", index)
     shutil.rmtree(parts, ignore_errors=True)
@@ -364,7 +371,7 @@ def _dataset_version(dataset_dir: Path) -> str:
 def _result(spec: StageSpec, index: dict[str, Any], seconds: float) -> StageResult:
     splits = index["splits"]
     total = sum(s["count"] for s in splits.values())
-    answer_only = all(s["count"] > 0 for s in splits.values())
+    answer_only = all(splits[s]["count"] > 0 for s in SPLITS)
     metadata = {
         "path": path_value(spec.layout.shards),
         "base_model": text(index["base"]),

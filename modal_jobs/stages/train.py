@@ -38,6 +38,7 @@ from modal_jobs.hashing import file_sha256
 from modal_jobs.ml import memory, plots
 from modal_jobs.ml.batching import collate
 from modal_jobs.ml.distributed import Ranks, agree, all_sum, barrier, data_parallel, process_group
+from modal_jobs.ml.dropout import InstructionDropout
 from modal_jobs.ml.loader import LengthGrouped, loader_workers, step_batches
 from modal_jobs.ml.loss import AnswerLoss
 from modal_jobs.ml.model import Runtime, causal_lm, load_base, load_processor, lora_config
@@ -136,7 +137,15 @@ def run(spec: TrainSpec, on_resume_point: ResumePointHook = None) -> StageResult
 
         # loop
         bounds = ImageBounds(**index["image_bounds"])
-        batches = Batches(processor, train, bounds, order, ranks, runtime.device)
+        dropout = InstructionDropout(
+            processor,
+            bounds,
+            index["system_prompt"],
+            index["labels"]["labels"],
+            spec.instruction_dropout,
+            spec.seed,
+        )
+        batches = Batches(processor, train, bounds, order, ranks, runtime.device, dropout)
         loop = train_loop(
             spec, hyper, model, batches, (optimizer, scheduler), start, on_resume_point
         )
@@ -166,6 +175,7 @@ def describe(spec: TrainSpec, index: dict[str, Any], hyper: Hyper, start: int) -
         "resumed_from": start,
         **asdict(hyper),
         "mode": spec.mode,
+        "instruction_dropout": spec.instruction_dropout,
         "shards_version": index["shards_version"],
     }
 
@@ -226,11 +236,14 @@ class Batches:
     order: LengthGrouped
     ranks: Ranks
     device: torch.device
+    dropout: InstructionDropout
 
     def at(self, step: int) -> dict[str, torch.Tensor]:
         """This rank's share of `step`'s batch, collated on the CPU, with its sample indices."""
         ids = self.ranks.share(self.order.at(step))
-        batch = collate(self.processor, [self.split.items[i] for i in ids], self.bounds)
+        items = [self.split.items[i] for i in ids]
+        items = self.dropout.apply(step, ids, items, self.split.classes[list(ids)])
+        batch = collate(self.processor, items, self.bounds)
         return {**batch, SAMPLE_IDS: torch.tensor(ids)}
 
     def stream(self, steps: range) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:

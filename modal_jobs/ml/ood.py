@@ -1,0 +1,234 @@
+"""Abstention: scores that tell screens of the experts from screens of none, and the threshold.
+
+One forward pass gives, at the answer slot, the final hidden state, the experts' label-token
+logits and the full-vocabulary softmax. Candidate scores (higher means "one of the experts"):
+- `max_probability`: the top calibrated expert probability (what a fixed `abstain_below` used);
+- `label_mass`: the full-vocabulary softmax's mass on the experts' label tokens (the rest is
+  the model saying "none of these");
+- `energy`: the log-sum-exp of the calibrated label logits (negative free energy);
+- `prototype`: minus the Mahalanobis distance of the hidden state to the nearest expert's mean
+  on the train split (one covariance shared by all experts, shrunk towards its diagonal).
+The eval stage measures all of them, picks the one that separates best on the validation part of
+the out-of-distribution set, and sets the threshold that keeps `coverage` of the in-distribution
+val screens; serving applies the same score and threshold (`Abstention`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from modal_jobs.config import ImageBounds
+from modal_jobs.ml.batching import Encoded, collate
+from modal_jobs.ml.calibration import softmax
+from modal_jobs.ml.metrics import auroc
+from modal_jobs.ml.model import causal_lm
+
+SCORES = ("max_probability", "label_mass", "energy", "prototype")
+PROTOTYPES_FILE = "ood_prototypes.safetensors"
+# Weight of the covariance's diagonal in the shrunk estimate: the hidden size of a real base
+# (2048+) exceeds the train split's sample count, so the raw covariance is singular.
+SHRINKAGE = 0.1
+
+
+@dataclass(frozen=True)
+class SlotFeatures:
+    """Per sample at the answer slot: label logits, label mass, hidden state; seconds per batch."""
+
+    logits: np.ndarray
+    label_mass: np.ndarray
+    hidden: np.ndarray
+    batch_seconds: list[float]
+
+    def subset(self, keep: np.ndarray) -> SlotFeatures:
+        """The rows at `keep` (a boolean mask or indices)."""
+        return SlotFeatures(self.logits[keep], self.label_mass[keep], self.hidden[keep], [])
+
+    @classmethod
+    def concat(cls, parts: Sequence[SlotFeatures]) -> SlotFeatures:
+        """Rows of `parts`, one after another."""
+        return cls(
+            np.concatenate([p.logits for p in parts]),
+            np.concatenate([p.label_mass for p in parts]),
+            np.concatenate([p.hidden for p in parts]),
+            [s for p in parts for s in p.batch_seconds],
+        )
+
+
+@torch.inference_mode()
+def slot_features(
+    model: Any,
+    processor: Any,
+    items: Sequence[Encoded],
+    bounds: ImageBounds,
+    token_ids: Sequence[int],
+    batch_size: int = 32,
+) -> SlotFeatures:
+    """One forward a batch; the vocabulary head runs on the answer slot's row only."""
+    lm = causal_lm(model)
+    device = next(model.parameters()).device
+    label_ids = torch.tensor(list(token_ids), device=device)
+    logits, mass, hidden, seconds = [], [], [], []
+    for start in range(0, len(items), batch_size):
+        group = list(items[start : start + batch_size])
+        began = time.perf_counter()
+        batch = {k: v.to(device) for k, v in collate(processor, group, bounds).items()}
+        batch.pop("labels")
+        rows = slot_rows(model, batch, [i.prompt_len - 1 for i in group], label_ids)
+        logits.append(rows[0])
+        mass.append(rows[1])
+        hidden.append(rows[2])
+        seconds.append(time.perf_counter() - began)
+    k, width = len(token_ids), int(lm.config.text_config.hidden_size)
+    return SlotFeatures(
+        np.concatenate(logits) if logits else np.zeros((0, k)),
+        np.concatenate(mass) if mass else np.zeros(0),
+        np.concatenate(hidden) if hidden else np.zeros((0, width)),
+        seconds,
+    )
+
+
+def slot_rows(
+    model: Any, batch: dict[str, Any], slots: Sequence[int], label_ids: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label logits, label-token mass and hidden state at each row's slot of a ready batch."""
+    lm = causal_lm(model)
+    states = lm.model(**batch, use_cache=False).last_hidden_state
+    rows = states[torch.arange(len(slots), device=states.device), list(slots)]
+    vocab = lm.lm_head(rows).float()
+    return (
+        vocab[:, label_ids].cpu().numpy(),
+        torch.softmax(vocab, dim=-1)[:, label_ids].sum(-1).cpu().numpy(),
+        rows.float().cpu().numpy(),
+    )
+
+
+@dataclass(frozen=True)
+class Prototypes:
+    """Per-expert means of the slot's hidden state and the shared (shrunk) precision matrix."""
+
+    means: np.ndarray
+    precision: np.ndarray
+
+    @classmethod
+    def fit(cls, hidden: np.ndarray, classes: np.ndarray, experts: int) -> Prototypes:
+        """Means per class and the pooled within-class covariance, shrunk, inverted."""
+        hidden = hidden.astype(np.float64)
+        means = np.stack([hidden[classes == k].mean(axis=0) for k in range(experts)])
+        centred = hidden - means[classes]
+        cov = centred.T @ centred / max(1, len(hidden) - experts)
+        shrunk = (1 - SHRINKAGE) * cov + SHRINKAGE * np.diag(np.diag(cov))
+        shrunk += 1e-6 * np.trace(shrunk) / len(shrunk) * np.eye(len(shrunk))
+        return cls(means, np.linalg.inv(shrunk))
+
+    def distance(self, hidden: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row to the nearest mean."""
+        diff = hidden.astype(np.float64)[:, None, :] - self.means[None, :, :]
+        squared = np.einsum("nkd,de,nke->nk", diff, self.precision, diff)
+        return np.asarray(np.sqrt(np.clip(squared, 0, None)).min(axis=1))
+
+    def save(self, path: Path) -> None:
+        """Write as safetensors."""
+        save_file({"means": self.means, "precision": self.precision}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> Prototypes:
+        """Inverse of `save`."""
+        tensors = load_file(str(path))
+        return cls(tensors["means"], tensors["precision"])
+
+
+def ood_scores(
+    features: SlotFeatures, temperature: float, prototypes: Prototypes | None
+) -> dict[str, np.ndarray]:
+    """Every candidate score of each sample (higher: more like the experts' screens)."""
+    scaled = features.logits / temperature
+    peak = scaled.max(axis=1, keepdims=True) if len(scaled) else np.zeros((0, 1))
+    out = {
+        "max_probability": softmax(features.logits, temperature).max(axis=1)
+        if len(scaled)
+        else np.zeros(0),
+        "label_mass": features.label_mass,
+        "energy": (peak[:, 0] + np.log(np.exp(scaled - peak).sum(axis=1))),
+    }
+    if prototypes is not None:
+        out["prototype"] = -prototypes.distance(features.hidden)
+    return out
+
+
+def threshold_for_coverage(scores: np.ndarray, coverage: float) -> float:
+    """The highest threshold that keeps at least `coverage` of `scores` (kept: score ≥ it)."""
+    if not len(scores):
+        return float("-inf")
+    ordered = np.sort(scores)
+    keep = int(np.ceil(coverage * len(ordered) - 1e-9))
+    return float(ordered[len(ordered) - max(1, keep)])
+
+
+@dataclass(frozen=True)
+class Abstention:
+    """What serving needs to abstain: which score, its threshold, the prototypes if it uses them."""
+
+    score: str
+    threshold: float
+    prototypes: Prototypes | None
+
+    def abstains(self, features: SlotFeatures, temperature: float) -> np.ndarray:
+        """Whether each sample's chosen score falls below the threshold."""
+        return ood_scores(features, temperature, self.prototypes)[self.score] < self.threshold
+
+    def to_json(self) -> dict[str, Any]:
+        """The `ood` section of router.json (the prototypes file sits beside it)."""
+        files = {"prototypes": PROTOTYPES_FILE} if self.score == "prototype" else {}
+        return {"score": self.score, "threshold": self.threshold, **files}
+
+    @classmethod
+    def load(cls, folder: Path, section: dict[str, Any] | None) -> Abstention | None:
+        """From router.json's `ood` section (None: a router that never abstains)."""
+        if not section:
+            return None
+        name = section.get("prototypes")
+        prototypes = Prototypes.load(folder / name) if name else None
+        return cls(str(section["score"]), float(section["threshold"]), prototypes)
+
+
+def candidates(
+    val_in: dict[str, np.ndarray],
+    val_out: dict[str, np.ndarray],
+    held_in: dict[str, np.ndarray],
+    held_out: dict[str, np.ndarray],
+    coverage: float,
+) -> dict[str, dict[str, float]]:
+    """Every score side by side: threshold from `val_in` at `coverage`, then both parts judged.
+
+    `val_*` are the validation parts (expert screens, screens of none); `held_*` the held-out
+    ones, which decide nothing.
+    """
+    out = {}
+    for name, inside in val_in.items():
+        threshold = threshold_for_coverage(inside, coverage)
+        out[name] = {
+            "threshold": threshold,
+            "val_auroc": auroc(inside, val_out[name]),
+            "val_abstain_rate": _share(val_out[name] < threshold),
+            "auroc": auroc(held_in[name], held_out[name]),
+            "abstain_rate": _share(held_out[name] < threshold),
+            "coverage": _share(held_in[name] >= threshold),
+        }
+    return out
+
+
+def choose(table: dict[str, dict[str, float]]) -> str:
+    """The score that abstains on most val screens of none at the coverage (then: val AUROC)."""
+    return max(table, key=lambda name: (table[name]["val_abstain_rate"], table[name]["val_auroc"]))
+
+
+def _share(mask: np.ndarray) -> float:
+    return float(mask.mean()) if len(mask) else 0.0
