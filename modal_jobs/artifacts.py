@@ -28,10 +28,25 @@ def read_index(shards_dir: Path) -> dict[str, Any]:
     return dict(json.loads((shards_dir / "index.json").read_text()))
 
 
+class ArtifactError(MoleError):
+    """A stage's input artifact on the volume is unreadable (edited or damaged by hand)."""
+
+
 def read_split(dataset_dir: Path, split: str) -> list[dict[str, Any]]:
-    """Rows of one split of a written routing dataset."""
+    """Rows of one split of a written routing dataset; a damaged row names its file and line."""
     path = dataset_dir / f"{split}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(
+                f"{path}:{number}: not a JSON object ({exc.msg}); fix: re-materialize "
+                "routing_dataset rather than editing its files"
+            ) from None
+    return rows
 
 
 def read_report(spec: StageSpec) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -16,9 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modal_jobs.errors import MoleError
+from modal_jobs.layout import BadName, check_name
 
 M = TypeVar("M", bound=BaseModel)
-EXPERT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+V = TypeVar("V")
 
 
 class ConfigError(MoleError):
@@ -87,14 +87,21 @@ class DatasetConfig(_Strict):
     def _expert_names(cls, value: dict[str, ExpertSpec]) -> dict[str, ExpertSpec]:
         if len(value) < 2:
             raise ValueError("a router needs at least two experts")
-        for name in value:
-            if not EXPERT_NAME.match(name):
-                raise ValueError(f"expert name {name!r} must match {EXPERT_NAME.pattern}")
-        return value
+        return _plain_names(value, "expert name")
 
     def label_of(self, expert: str) -> str:
         """The word the router answers with for this expert (its name unless `label` is set)."""
         return self.experts[expert].label or expert
+
+
+def _plain_names(value: dict[str, V], what: str) -> dict[str, V]:
+    """`value` if every key passes the layout's name gate (keys become folder names)."""
+    for name in value:
+        try:
+            check_name(name, what)
+        except BadName as exc:
+            raise ValueError(str(exc)) from None
+    return value
 
 
 class RouterPolicy(_Strict):
@@ -111,6 +118,21 @@ class ExpertAdapter(_Strict):
     adapter: str
     dataset: str | None = None
 
+    @field_validator("adapter")
+    @classmethod
+    def _inside_inference_volume(cls, value: str) -> str:
+        # A relative adapter is a managed one, written under the inference volume: each part of
+        # its path must be a plain name, so it can never point outside that volume.
+        if not Path(value).is_absolute():
+            for part in Path(value).parts:
+                try:
+                    check_name(part, "adapter path part")
+                except BadName as exc:
+                    raise ValueError(
+                        f"{exc}; or give an absolute path to your own adapter"
+                    ) from None
+        return value
+
 
 class LorasConfig(_Strict):
     """`config/loras.json`: the base model preset and the registered expert adapters."""
@@ -119,9 +141,18 @@ class LorasConfig(_Strict):
     router: RouterPolicy = RouterPolicy()
     experts: dict[str, ExpertAdapter] = {}
 
+    @field_validator("experts")
+    @classmethod
+    def _expert_names(cls, value: dict[str, ExpertAdapter]) -> dict[str, ExpertAdapter]:
+        return _plain_names(value, "expert name")
+
 
 class TextDims(_Strict):
-    """Language-model dimensions of a locally built preset."""
+    """Language-model dimensions of a locally built preset.
+
+    `mrope_section` (temporal, height, width rotary sections, summing to `head_dim / 2`) is
+    derived from `head_dim` when unset; a published configuration states its own.
+    """
 
     hidden_size: int
     intermediate_size: int
@@ -129,6 +160,15 @@ class TextDims(_Strict):
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+    rope_theta: float = 10000.0
+    mrope_section: tuple[int, int, int] | None = None
+    max_position_embeddings: int = 4096
+
+    @model_validator(mode="after")
+    def _sections_fill_half_a_head(self) -> TextDims:
+        if self.mrope_section is not None and sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(f"mrope_section must sum to head_dim / 2 = {self.head_dim // 2}")
+        return self
 
 
 class VisionDims(_Strict):
@@ -139,6 +179,12 @@ class VisionDims(_Strict):
     depth: int
     num_heads: int
     patch_size: int = 16
+    num_position_embeddings: int = 256
+    # Blocks whose outputs are also fed to early decoder layers (DeepStack); unset: the last.
+    deepstack_visual_indexes: tuple[int, ...] | None = None
+    # Per-channel normalisation of the image processor (CLIP's unless a preset states its own).
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
 class PretrainSpec(_Strict):
@@ -169,13 +215,21 @@ class TrainDefaults(_Strict):
 
 
 class ModelPreset(_Strict):
-    """One entry of `config/models.yaml`."""
+    """One entry of `config/models.yaml`.
+
+    A local preset's `tokenizer` is `trained` (a small BPE learnt from its pre-training corpus,
+    so it needs `pretrain`) or `qwen3` (Qwen3's real vocabulary, fetched at set-up; the
+    embedding has `vocab_size` rows, padded past the tokenizer's 151,669 tokens as Qwen's are).
+    """
 
     source: Literal["local", "hub"]
     repo_id: str | None = None
     text: TextDims | None = None
     vision: VisionDims | None = None
     vocab_size: int | None = None
+    tokenizer: Literal["trained", "qwen3"] = "trained"
+    # What a local preset's weights are built and saved in (the hub's Qwen3-VL are bfloat16).
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
     pretrain: PretrainSpec | None = None
     image: ImageBounds = ImageBounds()
     lora: LoraSpec = LoraSpec()
@@ -185,9 +239,11 @@ class ModelPreset(_Strict):
     def _complete(self) -> ModelPreset:
         if self.source == "hub" and not self.repo_id:
             raise ValueError("a hub preset needs repo_id (e.g. Qwen/Qwen3-VL-2B-Instruct)")
-        local_parts = (self.text, self.vision, self.vocab_size, self.pretrain)
+        local_parts = (self.text, self.vision, self.vocab_size)
         if self.source == "local" and any(part is None for part in local_parts):
-            raise ValueError("a local preset needs text, vision, vocab_size and pretrain")
+            raise ValueError("a local preset needs text, vision and vocab_size")
+        if self.source == "local" and self.tokenizer == "trained" and self.pretrain is None:
+            raise ValueError("a local preset with a trained tokenizer needs pretrain")
         return self
 
 

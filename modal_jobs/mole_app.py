@@ -6,31 +6,51 @@ Run one stage by hand (`--spec`: a JSON stage spec, as `mole materialize --dry` 
 
 Under Dagster (`MOLE_BACKEND=modal`), `dagster_modal.ModalClient` runs the same entrypoints with
 the Pipes environment. Resources come from `modal_jobs/launch/compute.py` (what `--dry` prints);
-the training GPU from `MOLE_MODAL_GPU` (e.g. `H100:8`), read when this file is imported.
+the training GPU from `MOLE_MODAL_GPU` (e.g. `H100:8`), read when this file is imported and
+carried into the GPU image's environment.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import modal
 
+from modal_jobs.errors import MoleError
 from modal_jobs.launch import cloud, compute
 from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, MODAL_MOUNT_ROOT
 
 log = logging.getLogger(__name__)
 
+# --- resources (one table: modal_jobs/launch/compute.py) -------------------------------------
+RESOURCES = compute.functions()
+SHARDS_PLAN = RESOURCES["shards_plan"]
+SHARDS_CHUNK = RESOURCES["shards_chunk"]
+SHARDS_FINISH = RESOURCES["shards_finish"]
+TRAIN = RESOURCES["train_router"]
+EXPERTS = RESOURCES["train_experts"]
+EVALUATE = RESOURCES["evaluate_router"]
+DEPLOY = RESOURCES["deploy_router"]
+# Multi-GPU training commits the data volume this often (the torchrun workers cannot call back).
+COMMIT_EVERY_S = 60
+
 # --- image -------------------------------------------------------------------------------------
 # Pinned to what the tests run locally (pyproject.toml's ranges). torch 2.9.x is avoided on
 # purpose: its Conv3d regression slows the Qwen3-VL vision tower 10-20x.
 PYTHON = "3.11"
+# flash-attn compiles against the installed torch with the image's nvcc, and torch's
+# cpp_extension refuses a CUDA major other than its own: torch comes from the index of the
+# base image's CUDA major (tests/test_modal.py checks the two agree).
+CUDA_IMAGE = "nvidia/cuda:13.0.1-devel-ubuntu22.04"
+TORCH_INDEX = "https://download.pytorch.org/whl/cu130"
+TORCH = ("torch==2.14.1", "torchvision==0.29.1")
 PACKAGES = (
-    "torch==2.14.1",
-    "torchvision==0.29.1",
     "transformers==5.23.0",
     "peft==0.21.2",
     "accelerate==1.15.0",
@@ -49,8 +69,9 @@ PACKAGES = (
 )
 # flash-attn has no wheel on PyPI; its setup.py fetches a prebuilt wheel matching torch/CUDA/
 # Python when one exists and otherwise compiles (long, once: Modal caches the image layer).
-# Hence a CUDA *devel* base image and `--no-build-isolation` (the build must see our torch).
-CUDA_IMAGE = "nvidia/cuda:12.8.1-devel-ubuntu22.04"
+# Hence a CUDA *devel* base image, `--no-build-isolation` (the build must see our torch) and
+# `MAX_JOBS` set in an earlier layer (the compile runs one nvcc per job; unbounded, it runs
+# out of memory).
 FLASH_ATTN = "flash-attn==2.8.3"
 ENV = {
     "HF_HOME": str(MODAL_MOUNT_ROOT / HF_CACHE_VOLUME / "hf"),
@@ -59,16 +80,21 @@ ENV = {
 
 cpu_image = (
     modal.Image.debian_slim(python_version=PYTHON)
+    .pip_install(*TORCH, index_url=TORCH_INDEX)
     .pip_install(*PACKAGES)
     .env(ENV)
     .add_local_python_source("modal_jobs")
 )
 gpu_image = (
     modal.Image.from_registry(CUDA_IMAGE, add_python=PYTHON)
+    .pip_install(*TORCH, index_url=TORCH_INDEX)
     .pip_install(*PACKAGES)
     .pip_install("ninja", "packaging", "wheel")
+    .env({"MAX_JOBS": "8"})
     .pip_install(FLASH_ATTN, extra_options="--no-build-isolation")
-    .env({**ENV, "MAX_JOBS": "8"})
+    # The container imports this file again without the caller's environment: the training
+    # GPU travels in the image, so `TRAIN.gpu` there is the one the function was created with.
+    .env({**ENV, compute.GPU_ENV: str(TRAIN.gpu)})
     .add_local_python_source("modal_jobs")
 )
 IMAGES = {"cpu": cpu_image, "gpu": gpu_image}
@@ -84,17 +110,6 @@ VOLUMES = {
 }
 SECRETS = {compute.HF_SECRET: modal.Secret.from_name(compute.HF_SECRET)}  # provides HF_TOKEN
 
-# --- resources (one table: modal_jobs/launch/compute.py) -------------------------------------
-RESOURCES = compute.functions()
-SHARDS_PLAN = RESOURCES["shards_plan"]
-SHARDS_CHUNK = RESOURCES["shards_chunk"]
-SHARDS_FINISH = RESOURCES["shards_finish"]
-TRAIN = RESOURCES["train_router"]
-EVALUATE = RESOURCES["evaluate_router"]
-DEPLOY = RESOURCES["deploy_router"]
-# Multi-GPU training commits the data volume this often (the torchrun workers cannot call back).
-COMMIT_EVERY_S = 60
-
 app = modal.App(compute.APP_NAME)
 
 
@@ -104,7 +119,7 @@ def gpu(r: compute.FunctionResources) -> str | None:
 
 
 def retries(r: compute.FunctionResources) -> modal.Retries:
-    """Exponential back-off retries (preemption and transient failures)."""
+    """Exponential back-off retries (preemption and transient failures; never bad input)."""
     return modal.Retries(max_retries=r.retries, initial_delay=10.0, backoff_coefficient=2.0)
 
 
@@ -129,7 +144,30 @@ def options(r: compute.FunctionResources) -> dict[str, Any]:
         "retries": retries(r),
         "volumes": volumes(r),
         "secrets": secrets(r),
+        "max_containers": r.max_containers,
     }
+
+
+F = TypeVar("F", bound=Callable[..., dict[str, Any]])
+
+
+def returns_bad_input(body: F) -> F:
+    """Return bad input as a value instead of raising it.
+
+    Modal retries every exception a function raises (`modal.Retries`); a `MoleError` is the
+    data's fault and must fail once, so it comes back as `{"bad_input": message}` and the
+    entrypoint raises it on the caller's side (`cloud.unwrap`).
+    """
+
+    @functools.wraps(body)
+    def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return body(*args, **kwargs)
+        except MoleError as exc:
+            log.error("bad input: %s", exc)
+            return cloud.bad_input(exc)
+
+    return run  # type: ignore[return-value]
 
 
 def _in_container() -> bool:
@@ -151,6 +189,7 @@ def _commit(*mounted: Any) -> None:
 
 # --- tokenization: plan, .map() over chunks, merge ---------------------------------------------
 @app.function(**options(SHARDS_PLAN))
+@returns_bad_input
 def shards_plan(spec: dict[str, Any]) -> dict[str, Any]:
     """Resolve the base model once (filling the HF cache volume) and cut the splits into chunks."""
     from dataclasses import asdict
@@ -167,6 +206,7 @@ def shards_plan(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.function(**options(SHARDS_CHUNK))
+@returns_bad_input
 def shards_chunk(spec: dict[str, Any], base: str, chunk: dict[str, Any]) -> dict[str, Any]:
     """Tokenize one chunk into the parts folder on the data volume; return its index entry."""
     from modal_jobs.stage import StageSpec
@@ -179,6 +219,7 @@ def shards_chunk(spec: dict[str, Any], base: str, chunk: dict[str, Any]) -> dict
 
 
 @app.function(**options(SHARDS_FINISH))
+@returns_bad_input
 def shards_finish(
     spec: dict[str, Any], base: str, entries: list[dict[str, Any]], seconds: float
 ) -> dict[str, Any]:
@@ -186,7 +227,7 @@ def shards_finish(
     from modal_jobs.stage import StageSpec
     from modal_jobs.stages import shards
 
-    _reload(data_volume)
+    _reload(data_volume, hf_cache_volume)
     result = shards.finish(StageSpec.model_validate(spec), base, entries, seconds)
     _commit(data_volume)
     return result.to_json()
@@ -194,6 +235,7 @@ def shards_finish(
 
 # --- training: resumable on preemptible GPUs ---------------------------------------------------
 @app.function(**options(TRAIN))
+@returns_bad_input
 def train_router(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming from the newest `train_state/step-N` a preempted attempt committed)."""
     from modal_jobs.stages import train
@@ -238,29 +280,52 @@ def _torchrun(spec: dict[str, Any], count: int) -> dict[str, Any]:
     return result
 
 
+@app.function(**options(EXPERTS))
+@returns_bad_input
+def train_experts(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train the managed expert adapters onto the inference volume."""
+    from modal_jobs.stages import experts
+
+    _reload(data_volume, hf_cache_volume, inference_volume)
+    result = experts.run(experts.ExpertsSpec.model_validate(spec))
+    _commit(inference_volume)
+    return result.to_json()
+
+
 # --- evaluation and deployment -----------------------------------------------------------------
 @app.function(**options(EVALUATE))
+@returns_bad_input
 def evaluate_router(spec: dict[str, Any]) -> dict[str, Any]:
-    """Score the held-out eval split; write the report to the data volume."""
+    """Score the held-out eval split (router, then stacked with the experts); write the report."""
     from modal_jobs.stage import StageSpec
     from modal_jobs.stages import evaluate
 
-    _reload(data_volume, hf_cache_volume)
+    _reload(data_volume, hf_cache_volume, inference_volume)
     result = evaluate.run(StageSpec.model_validate(spec))
     _commit(data_volume)
     return result.to_json()
 
 
 @app.function(**options(DEPLOY))
-def deploy_router(spec: dict[str, Any]) -> dict[str, Any]:
-    """Publish the run's router to the inference volume (gated by the eval report)."""
+@returns_bad_input
+def deploy_router(spec: dict[str, Any] | None, rollback: bool = False) -> dict[str, Any]:
+    """Publish the run's router (gated by the eval report), or roll back when `rollback`.
+
+    `max_containers=1`: every registry change runs here, one at a time, and each sees the last
+    one's commit (reload first, commit last), so no history entry is ever lost.
+    """
+    from modal_jobs.layout import Volumes
+    from modal_jobs.serving import registry
     from modal_jobs.stage import StageSpec
     from modal_jobs.stages import deploy
 
     _reload(data_volume, inference_volume)
-    result = deploy.run(StageSpec.model_validate(spec))
+    if rollback:
+        outcome = {"current": registry.rollback(Volumes.modal())}
+    else:
+        outcome = deploy.run(StageSpec.model_validate(spec)).to_json()
     _commit(inference_volume)
-    return result.to_json()
+    return outcome
 
 
 # --- entrypoints: `modal run modal_jobs/mole_app.py::<name> [--spec spec.json]` -----------------
@@ -269,6 +334,7 @@ REMOTES: dict[str, Any] = {
     "shards_chunk": shards_chunk,
     "shards_finish": shards_finish,
     "train_router": train_router,
+    "train_experts": train_experts,
     "evaluate_router": evaluate_router,
     "deploy_router": deploy_router,
     "data_volume": data_volume,
@@ -294,6 +360,12 @@ def train(spec: str = "") -> None:
 
 
 @app.local_entrypoint()
+def experts(spec: str = "") -> None:
+    """`expert_adapters`: the demo expert LoRAs, onto the inference volume."""
+    cloud.launch("expert_adapters", spec, REMOTES)
+
+
+@app.local_entrypoint()
 def evaluate(spec: str = "") -> None:
     """`eval_report`: held-out evaluation."""
     cloud.launch("eval_report", spec, REMOTES)
@@ -303,3 +375,9 @@ def evaluate(spec: str = "") -> None:
 def deploy(spec: str = "") -> None:
     """`deployed_router`: publish to the inference volume."""
     cloud.launch("deployed_router", spec, REMOTES)
+
+
+@app.local_entrypoint()
+def rollback() -> None:
+    """`mole deploy --rollback` on Modal: make the previous router current again."""
+    print(f"rolled back: current router is {cloud.rollback(REMOTES)}")

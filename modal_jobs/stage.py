@@ -1,20 +1,23 @@
-"""What every stage returns, in the JSON-safe shape Dagster Pipes reports as metadata.
+"""The stage contract: what every stage is given (its spec and options) and what it returns.
 
 Stages are plain functions `run(spec) -> StageResult`; the launchers (local Pipes subprocess or
 a Modal entrypoint) turn a `StageResult` into a Dagster materialization with the same metadata.
+A stage's run options are declared once here: the stage spec extends them, and the asset's
+Dagster `Config` (what the Launchpad edits) is built from the same class.
 """
 
 from __future__ import annotations
 
 import base64
+import enum
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from modal_jobs.config import MoleConfig
-from modal_jobs.layout import RunLayout, Volumes
+from modal_jobs.layout import RunLayout, Volumes, check_name
 
 MetadataValue = dict[str, Any]
 
@@ -94,7 +97,54 @@ class StageSpec(BaseModel):
     config: MoleConfig
     volumes: Volumes
 
+    @field_validator("run")
+    @classmethod
+    def _plain_run_name(cls, value: str) -> str:
+        # A `MoleError`, not a ValueError: pydantic lets it through, so it reads as bad input.
+        return check_name(value, "run name")
+
     @property
     def layout(self) -> RunLayout:
         """This run's artifact paths on the data volume."""
         return self.volumes.run(self.run)
+
+
+class TrainMode(enum.StrEnum):
+    """How much to train: the preset's steps, `FAST_STEPS`, or a few steps on a small subset."""
+
+    full = "full"
+    fast = "fast"
+    test = "test"
+
+
+class TrainOptions(BaseModel):
+    """Router-training options (`router_checkpoint`); unset ones come from the model preset."""
+
+    mode: TrainMode = Field(TrainMode.full, description="full, fast (20 steps) or test.")
+    steps: int | None = Field(None, description="Optimizer steps (full mode).")
+    batch_size: int | None = Field(None, description="Samples per optimizer step.")
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
+    seed: int = 0
+    checkpoint_every: int = Field(100, description="Steps between resume checkpoints.")
+    log_every: int = Field(10, description="Steps between loss log lines.")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward; unset: on for CUDA, off on CPU."
+    )
+
+
+class ExpertsMode(enum.StrEnum):
+    """Demo expert training: the configured steps, or a handful per expert."""
+
+    full = "full"
+    test = "test"
+
+
+class ExpertsOptions(BaseModel):
+    """Demo expert-adapter training options (`expert_adapters`)."""
+
+    mode: ExpertsMode = Field(ExpertsMode.full, description="full, or test (a few steps each).")
+    steps: int = Field(40, description="Optimizer steps per expert (full mode).")
+    batch_size: int = 8
+    learning_rate: float = 0.003
+    seed: int = 0

@@ -15,8 +15,11 @@ import modal
 
 from modal_jobs.launch import compute
 from modal_jobs.layout import DATA_VOLUME, MODAL_MOUNT_ROOT
+from modal_jobs.mole_app import cpu_image
 
-image = modal.Image.debian_slim(python_version="3.11").pip_install("tensorboard==2.21.0")
+# This file imports `modal_jobs` (and so pydantic, yaml): the board runs on the stages' CPU
+# image, which has those packages, tensorboard and the project source.
+image = cpu_image
 data_volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True)
 RUNS = MODAL_MOUNT_ROOT / DATA_VOLUME / "runs"  # each run's events: runs/<run>/tensorboard/
 BOARD = compute.functions()["tensorboard"]

@@ -5,17 +5,21 @@ resource, and let Pipes carry metadata, data versions and check results back. Pi
 no Python output; each stage finds its inputs by the run's volume layout.
 """
 
-import enum
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
 
 from modal_jobs.config import MoleConfig
 from modal_jobs.hashing import expert_version
+from modal_jobs.stage import ExpertsOptions, TrainOptions
 from mole_assets.partitions import run_names
 from mole_assets.resources import MoleResource
+
+# Observable source assets and source selections are marked beta; they are Dagster's documented
+# way to version external data such as the expert datasets.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 GROUP = "router"
 # Infrastructure failures (a killed worker, a lost machine) are retried; bad input is raised as a
@@ -88,27 +92,8 @@ def tokenized_shards(context: dg.AssetExecutionContext, mole: MoleResource) -> I
     yield from mole.launch(context, mole.spec(context.partition_key))
 
 
-class TrainMode(enum.Enum):
-    """How much to train: the preset's steps, 20 steps, or a few steps on a small subset."""
-
-    full = "full"
-    fast = "fast"
-    test = "test"
-
-
-class TrainConfig(dg.Config):
-    """Router training run config; unset values come from the model preset."""
-
-    mode: TrainMode = Field(TrainMode.full, description="full, fast (20 steps) or test.")
-    steps: int | None = Field(None, description="Optimizer steps (full mode).")
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    warmup_steps: int | None = None
-    seed: int = 0
-    checkpoint_every: int = Field(100, description="Steps between resume checkpoints.")
-    gradient_checkpointing: bool | None = Field(
-        None, description="Recompute activations in backward; unset: on for CUDA, off on CPU."
-    )
+class TrainConfig(dg.Config, TrainOptions):
+    """Router training run config (`modal_jobs.stage.TrainOptions`, editable in the Launchpad)."""
 
 
 @dg.asset(
@@ -129,14 +114,8 @@ def router_checkpoint(
     yield from mole.launch(context, spec)
 
 
-class ExpertsConfig(dg.Config):
-    """Demo expert-adapter training run config."""
-
-    mode: str = Field("full", description="full, or test (a handful of steps per expert).")
-    steps: int = Field(40, description="Optimizer steps per expert (full mode).")
-    batch_size: int = 8
-    learning_rate: float = 0.003
-    seed: int = 0
+class ExpertsConfig(dg.Config, ExpertsOptions):
+    """Demo expert-adapter training run config (`modal_jobs.stage.ExpertsOptions`)."""
 
 
 @dg.asset(
@@ -153,9 +132,8 @@ def expert_adapters(
     context: dg.AssetExecutionContext, config: ExpertsConfig, mole: MoleResource
 ) -> Iterator[Any]:
     """Train the managed expert adapters on their train rows (user adapters are left alone)."""
-    if config.mode not in ("full", "test"):
-        raise dg.Failure(f"expert_adapters config: mode must be full or test, got {config.mode!r}")
-    yield from mole.launch(context, mole.spec(context.partition_key, **config.model_dump()))
+    spec = mole.spec(context.partition_key, **config.model_dump(mode="json"))
+    yield from mole.launch(context, spec)
 
 
 @dg.asset(
@@ -189,6 +167,9 @@ def eval_report(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterat
     kinds={"json"},
     code_version="1",
     description="The router published to the inference volume and made current in the registry.",
+    # One deploy at a time per Dagster instance; on Modal the deploy function's
+    # max_containers=1 serializes deploys across instances too.
+    pool="deploy",
 )
 def deployed_router(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterator[Any]:
     """Atomically publish the run's router (refused below the accuracy gate)."""

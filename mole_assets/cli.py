@@ -1,38 +1,31 @@
-"""The `mole` command line: demo data, runs, materialization, reports, deployment, inference."""
+"""The `mole` command line: demo data, runs, materialization, reports, deployment, inference.
+
+Each command imports what it needs when it runs: `mole deploy --rollback` and `mole report`
+only read and write JSON (no dagster, no torch), `mole runs` loads dagster but not torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import dagster as dg
+from typing import TYPE_CHECKING, Any
 
 from modal_jobs.config import load_config
 from modal_jobs.errors import MoleError
-from modal_jobs.layout import Volumes
-from mole_assets.instance import instance
+from modal_jobs.layout import Volumes, check_name
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+if TYPE_CHECKING:
+    import dagster as dg
+
 DEFAULT_TARGET = "eval_report"
 
 
 class CliError(MoleError):
     """A command-line usage problem."""
-
-
-def check_run_name(name: str) -> str:
-    """Reject run names Dagster partitions (and folder names) cannot carry."""
-    if not RUN_NAME.match(name):
-        raise CliError(
-            f"invalid run name {name!r}: use letters, digits, '_', '.' or '-' (max 80), "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -48,11 +41,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """Add or list run partitions."""
+    from mole_assets.instance import instance
     from mole_assets.partitions import RUN_NAMES
 
     inst = instance()
     if args.runs_command == "add":
-        name = check_run_name(args.name)
+        name = check_name(args.name)
         inst.add_dynamic_partitions(RUN_NAMES, [name])
         print(f"added run {name}")
     else:
@@ -65,15 +59,18 @@ def ensure_run(inst: dg.DagsterInstance, name: str) -> None:
     """Add the run partition if it does not exist yet."""
     from mole_assets.partitions import RUN_NAMES
 
-    if not inst.has_dynamic_partition(RUN_NAMES, check_run_name(name)):
+    if not inst.has_dynamic_partition(RUN_NAMES, check_name(name)):
         inst.add_dynamic_partitions(RUN_NAMES, [name])
         print(f"added run {name}")
 
 
 def materialize(name: str, selection: Any, mode: str | None = None) -> dg.ExecuteInProcessResult:
     """Materialize `selection` for the run partition `name` against the instance."""
+    import dagster as dg
+
     from mole_assets.assets import router_assets
     from mole_assets.definitions import defs
+    from mole_assets.instance import instance
     from mole_assets.jobs import observe_experts_job
     from mole_assets.resources import MoleResource
 
@@ -106,6 +103,8 @@ def materialize(name: str, selection: Any, mode: str | None = None) -> dg.Execut
 
 def selection_for(select: str | None) -> dg.AssetSelection:
     """`--select` (Dagster selection syntax) or everything up to the eval report."""
+    import dagster as dg
+
     if select:
         return dg.AssetSelection.from_string(select)
     return dg.AssetSelection.assets(DEFAULT_TARGET).upstream()
@@ -121,7 +120,7 @@ def _failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     """Materialize a run partition (default: everything up to `eval_report`)."""
-    name = check_run_name(args.name)
+    name = check_name(args.name)
     mode = "fast" if args.fast else "test" if args.test else None
     selection = selection_for(args.select)
     if args.dry:
@@ -143,17 +142,18 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def _dry_run(name: str, selection: dg.AssetSelection, mode: str | None) -> int:
+    from modal_jobs.launch.table import STAGES
     from mole_assets.definitions import defs
-    from mole_assets.resources import STAGES, MoleResource
+    from mole_assets.resources import MoleResource
 
     graph = defs.resolve_asset_graph()
     keys = selection.resolve(graph)
     mole = MoleResource()
+    # Every stage is listed with its launcher; `selected` says whether this run would launch it.
     for key in graph.toposorted_asset_keys:
-        stage = STAGES.get(key.to_user_string())
-        if key not in keys or stage is None:
+        if key.to_user_string() not in STAGES:
             continue
-        plan = mole.plan(stage, name, key.to_user_string())
+        plan = {**mole.plan(key.to_user_string(), name), "selected": key in keys}
         print(f"{key.to_user_string()}: {json.dumps(plan, sort_keys=True)}")
     if mode:
         print(f"router_checkpoint mode: {mode}")
@@ -161,7 +161,7 @@ def _dry_run(name: str, selection: dg.AssetSelection, mode: str | None) -> int:
 
 
 def _layout(name: str) -> Any:
-    return Volumes.local().run(check_run_name(name))
+    return Volumes.local().run(check_name(name))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -178,15 +178,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy a run's router (or roll back to the previous deployment)."""
+    from modal_jobs.launch import modal_cli
     from modal_jobs.serving.registry import read_registry, rollback
 
     volumes = Volumes.local()
     if args.rollback:
-        print(f"rolled back: current router is {rollback(volumes)}")
+        # On Modal the registry lives on the inference volume: roll back in the deploy container.
+        on_modal = os.environ.get("MOLE_BACKEND") == "modal"
+        current = modal_cli.rollback() if on_modal else rollback(volumes)
+        print(f"rolled back: current router is {current}")
         return 0
     if not args.name:
         raise CliError("mole deploy needs a run name (or --rollback)")
-    result = materialize(args.name, dg.AssetSelection.assets("deployed_router"))
+    result = materialize(args.name, selection_for("deployed_router"))
     if not result.success:
         for message in _failure_messages(result):
             print(f"failed: {message}", file=sys.stderr)

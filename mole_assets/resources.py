@@ -1,5 +1,6 @@
 """The `mole` resource: where config and volumes live, and how a stage's compute is launched."""
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -10,29 +11,33 @@ import dagster as dg
 from dagster_modal import ModalClient
 
 from modal_jobs.config import ConfigError, MoleConfig, load_config
-from modal_jobs.launch.compute import STAGE_LAUNCHES, modal_plan, stage_command, train_procs
+from modal_jobs.errors import MoleError
+from modal_jobs.launch.compute import stage_command, train_procs
+from modal_jobs.launch.modal_cli import PROJECT_DIR, modal_env
 from modal_jobs.launch.pipes import BAD_INPUT_EXTRA
+from modal_jobs.launch.table import STAGES
 from modal_jobs.layout import Volumes, mole_home
 from modal_jobs.stage import StageSpec
 
 BACKENDS = ("local", "modal")
-# `modal run modal_jobs/mole_app.py::…` resolves the app file (and `modal_jobs`) from here.
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-# Asset key → the `modal_jobs` module that computes it.
-STAGES = {
-    "routing_dataset": "dataset",
-    "tokenized_shards": "shards",
-    "router_checkpoint": "train",
-    "expert_adapters": "experts",
-    "eval_report": "evaluate",
-    "deployed_router": "deploy",
-}
 
 
 def raise_bad_input(message_file: Path) -> None:
     """If the stage reported bad input, fail with its message and no retries (data is wrong)."""
     if message_file.is_file():
         raise dg.Failure(description=message_file.read_text(), allow_retries=False) from None
+
+
+@contextlib.contextmanager
+def bad_input_fails_once() -> Iterator[Path]:
+    """A file for the stage to write bad input to; a launch that wrote it fails unretried."""
+    with tempfile.TemporaryDirectory() as scratch:
+        bad_input = Path(scratch) / "bad_input.txt"
+        try:
+            yield bad_input
+        except Exception:  # the stage failed; it may have said why the input is bad
+            raise_bad_input(bad_input)
+            raise
 
 
 class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -62,8 +67,16 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return Volumes.local(self.home_path())
 
     def spec(self, run: str, **extra: Any) -> dict[str, Any]:
-        """The JSON stage spec for `run` (plus stage-specific fields)."""
-        spec = StageSpec(run=run, config=self.load(), volumes=self.volumes())
+        """The JSON stage spec for `run` (plus stage-specific fields).
+
+        Bad input found here — a partition name that is not a plain name (added through the UI
+        or GraphQL, which do not check it), an invalid config — fails once, before anything is
+        launched or written.
+        """
+        try:
+            spec = StageSpec(run=run, config=self.load(), volumes=self.volumes())
+        except MoleError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
         return {**spec.model_dump(mode="json"), **extra}
 
     def selected_backend(self) -> str:
@@ -76,15 +89,15 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             )
         return backend
 
-    def plan(self, stage: str, run: str, asset: str = "") -> dict[str, Any]:
-        """What launching `stage` (module) / `asset` for `run` would do (`materialize --dry`)."""
+    def plan(self, asset: str, run: str) -> dict[str, Any]:
+        """What launching `asset` for `run` would do (`materialize --dry`)."""
         layout = self.volumes().run(run)
         if self.on_modal(asset):
-            return {**modal_plan(asset), "run_root": str(Volumes.modal().run(run).root)}
+            return {**STAGES[asset].modal_plan(), "run_root": str(Volumes.modal().run(run).root)}
         return {
             "backend": "local",
             "launcher": "dagster.PipesSubprocessClient",
-            "command": " ".join(self.command(stage)),
+            "command": " ".join(self.command(STAGES[asset].module)),
             "run_root": str(layout.root),
             "inference_volume": str(self.volumes().inference),
         }
@@ -94,40 +107,34 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return stage_command(stage, train_procs() if stage == "train" else 1)
 
     def on_modal(self, asset: str) -> bool:
-        """Whether `asset` runs on Modal (backend selected and a Modal function exists for it).
-
-        The demo `expert_adapters` stage has no Modal function and always runs locally.
-        """
-        return self.selected_backend() == "modal" and asset in STAGE_LAUNCHES
+        """Whether `asset` runs on Modal (every stage has a Modal launch in the stage table)."""
+        return self.selected_backend() == "modal" and asset in STAGES
 
     def modal_client(self) -> ModalClient:
         """The `dagster_modal` client (a Pipes subprocess client running `modal run`)."""
         return ModalClient(project_directory=PROJECT_DIR)
 
     def launch(self, context: dg.AssetExecutionContext, spec: dict[str, Any]) -> Iterator[Any]:
-        """Run the asset's stage under Pipes on the selected backend; yield the results."""
+        """Run the asset's stage under Pipes on the selected backend; yield the results.
+
+        Either way, bad input reported by the stage fails the asset once (no retry policy).
+        """
         asset = context.asset_key.to_user_string()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.on_modal(asset):
-            invocation = self.modal_client().run(
-                func_ref=STAGE_LAUNCHES[asset].func_ref,
-                context=context,
-                extras={"spec": spec},
-                env=env,
-            )
-            yield from invocation.get_results()
-            return
-        client = dg.PipesSubprocessClient()
-        with tempfile.TemporaryDirectory() as scratch:
-            bad_input = Path(scratch) / "bad_input.txt"
-            try:
-                invocation = client.run(
-                    command=self.command(STAGES[asset]),
+        with bad_input_fails_once() as bad_input:
+            extras = {"spec": spec, BAD_INPUT_EXTRA: str(bad_input)}
+            if self.on_modal(asset):
+                invocation = self.modal_client().run(
+                    func_ref=STAGES[asset].func_ref,
                     context=context,
-                    extras={"spec": spec, BAD_INPUT_EXTRA: str(bad_input)},
+                    extras=extras,
+                    env=modal_env(env),
+                )
+            else:
+                invocation = dg.PipesSubprocessClient().run(
+                    command=self.command(STAGES[asset].module),
+                    context=context,
+                    extras=extras,
                     env=env,
                 )
-            except Exception:  # the stage failed; it may have said why the input is bad
-                raise_bad_input(bad_input)
-                raise
         yield from invocation.get_results()

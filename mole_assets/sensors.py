@@ -7,6 +7,12 @@ tick. When a settled expert's content hash differs from the one in the cursor, t
 a run partition `auto-<UTC timestamp>-<short hash>` and requests the chain up to `eval_report`
 (and `deployed_router` too when `router.auto_deploy` is set; the blocking accuracy check still
 gates it). The first tick records a baseline and starts nothing.
+
+Environment (read by the code server, where sensors are evaluated): `MOLE_SENSOR_QUIET_SECONDS`
+(default 30), `MOLE_SENSOR_INTERVAL_SECONDS` (minimum seconds between ticks, default 30, read
+when the definitions load) and `MOLE_SENSOR_TRAIN_MODE` (`full` default; `fast` or `test` train
+less, for trials and tests). The index is per-daemon state: a second daemon on another machine
+would rebuild its own, which costs one full read of the datasets and nothing else.
 """
 
 import datetime as dt
@@ -14,16 +20,21 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 
+from modal_jobs.config import ConfigError
 from modal_jobs.hashing import FileHashIndex, combine
+from modal_jobs.stage import ExpertsMode, TrainMode
 from mole_assets.jobs import train_and_deploy_job, train_router_job
 from mole_assets.partitions import run_names
 from mole_assets.resources import MoleResource
 
 QUIET_SECONDS_ENV = "MOLE_SENSOR_QUIET_SECONDS"
 DEFAULT_QUIET_SECONDS = 30.0
+INTERVAL_SECONDS_ENV = "MOLE_SENSOR_INTERVAL_SECONDS"
+TRAIN_MODE_ENV = "MOLE_SENSOR_TRAIN_MODE"
 
 
 @dataclass(frozen=True)
@@ -62,10 +73,29 @@ def run_name(versions: dict[str, str], now: float) -> str:
     return f"auto-{stamp}-{digest}"
 
 
+def train_run_config() -> dict[str, Any]:
+    """The retrain's run config for `MOLE_SENSOR_TRAIN_MODE` (empty for `full`).
+
+    Raises:
+        ConfigError: the variable names no training mode.
+    """
+    value = os.environ.get(TRAIN_MODE_ENV, TrainMode.full.value)
+    try:
+        mode = TrainMode(value)
+    except ValueError:
+        choices = [m.value for m in TrainMode]
+        raise ConfigError(f"{TRAIN_MODE_ENV}={value!r}; fix: use one of {choices}") from None
+    if mode is TrainMode.full:
+        return {}
+    # The demo experts have no 20-step variant: `fast` and `test` both train a handful.
+    ops = {"router_checkpoint": {"config": {"mode": mode.value}}}
+    return {"ops": {**ops, "expert_adapters": {"config": {"mode": ExpertsMode.test.value}}}}
+
+
 @dg.sensor(
     name="expert_datasets_sensor",
     jobs=[train_router_job, train_and_deploy_job],
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=int(os.environ.get(INTERVAL_SECONDS_ENV, "30")),
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Retrain the router when an expert dataset's content changes (debounced).",
 )
@@ -101,6 +131,7 @@ def expert_datasets_sensor(
                 run_key=name,
                 partition_key=name,
                 job_name=job.name,
+                run_config=train_run_config(),
                 tags={"mole/changed_experts": ",".join(changed)},
             )
         ],

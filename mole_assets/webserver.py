@@ -47,14 +47,14 @@ def webserver(env: Mapping[str, str], port: int, timeout: float = 120.0) -> Iter
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(f"{url}/server_info", process, timeout)
+        wait_until_up(f"{url}/server_info", process, timeout)
         yield url
     finally:
-        _stop(process)
+        stop_group(process)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop `dagster dev` and everything it started (its own process group)."""
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process and everything it started (its own process group)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -65,15 +65,16 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def _wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Return once `url` answers 200; fail if `process` exits first or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"dagster-webserver exited with status {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with status {process.returncode}")
         if _answers(url):
             return
         time.sleep(0.5)
-    raise TimeoutError(f"dagster-webserver did not answer at {url} within {timeout:.0f}s")
+    raise TimeoutError(f"{process.args!r} did not answer at {url} within {timeout:.0f}s")
 
 
 def _answers(url: str) -> bool:

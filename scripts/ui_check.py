@@ -10,8 +10,8 @@ import os
 import shutil
 import sys
 
+from playwright.sync_api import Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from playwright.sync_api import sync_playwright
 
 from mole_assets.instance import dagster_home
 from mole_assets.webserver import REPO, free_port, webserver
@@ -28,6 +28,13 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def dismiss_dialogs(page: Page) -> None:
+    """Dismiss the community dialog a first visit shows, so the page behind it is visible."""
+    skip = page.get_by_role("button", name="Skip")
+    with contextlib.suppress(PlaywrightTimeout):
+        skip.click(timeout=10_000)
+
+
 def main() -> int:
     """Screenshot the lineage page; exit non-zero if Chromium is missing or fails."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -41,10 +48,7 @@ def main() -> int:
         browser = driver.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1600, "height": 900})
         page.goto(url + PAGE)
-        # First visit shows a community dialog; dismiss it so the graph is visible.
-        skip = page.get_by_role("button", name="Skip")
-        with contextlib.suppress(PlaywrightTimeout):
-            skip.click(timeout=10_000)
+        dismiss_dialogs(page)
         page.get_by_text("deployed_router").first.wait_for(timeout=60_000)
         page.wait_for_timeout(2_000)
         page.screenshot(path=str(target))

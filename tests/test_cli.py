@@ -148,14 +148,16 @@ def test_materialize_dry_prints_plan_and_runs_nothing(
     dry_env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["materialize", "dry1", "--dry"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    every = capsys.readouterr().out.splitlines()
+    assert every[-1].startswith("deployed_router: ") and '"selected": false' in every[-1]
+    lines = every[:-1]  # the default selection stops at eval_report
     assert [line.split(":", 1)[0] for line in lines] == [asset for asset, _ in STAGE_MODULES]
     run_root = Volumes.local(dry_env).run("dry1").root
     for line, (asset, module) in zip(lines, STAGE_MODULES, strict=True):
         plan = json.loads(line.split(": ", 1)[1])
         assert plan["command"] == f"{sys.executable} -m modal_jobs.stages.{module}", asset
         assert plan["run_root"] == str(run_root)
-        assert plan["backend"] == "local"
+        assert plan["backend"] == "local" and plan["selected"]
     assert not run_root.exists()
     assert not Volumes.local(dry_env).data.exists()
     # Nothing was registered in the Dagster instance either.
@@ -166,10 +168,11 @@ def test_materialize_dry_prints_plan_and_runs_nothing(
 def test_materialize_dry_select_and_mode(dry_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["materialize", "dry2", "--dry", "--fast", "--select", "routing_dataset"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("routing_dataset: ")
-    assert "-m modal_jobs.stages.dataset" in lines[0]
-    assert lines[1] == "router_checkpoint mode: fast"
+    assert len(lines) == 7  # every stage, then the mode
+    selected = [line for line in lines if '"selected": true' in line]
+    assert len(selected) == 1 and selected[0].startswith("routing_dataset: ")
+    assert "-m modal_jobs.stages.dataset" in selected[0]
+    assert lines[-1] == "router_checkpoint mode: fast"
     assert not Volumes.local(dry_env).run("dry2").root.exists()
 
 

@@ -1,6 +1,6 @@
-"""The Modal backend, offline: the real Modal app objects and their resources, `--dry`, and the
-entrypoints run with Modal's cloud substituted (function bodies run here via `Function.local`,
-the data volume is a folder) through real `dg.materialize`, compared with the local backend."""
+"""The Modal backend, offline: the app's declarations, `--dry`, the GPU image, and the whole graph
+on the emulated cloud (`tests/modal_emulator`, a stand-in for Modal's) through the real
+`dagster_modal.ModalClient`, compared with the local backend."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import importlib
 import json
 import os
 import shutil
+import subprocess
 import sys
-from collections.abc import Iterator
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,21 +18,32 @@ from typing import Any
 import dagster as dg
 import modal
 import pytest
-from dagster_modal import ModalClient
 
 from modal_jobs.config import load_config
 from modal_jobs.launch import cloud, compute
+from modal_jobs.launch.modal_cli import ENV_BIN, modal_env
+from modal_jobs.launch.table import STAGES
 from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, Volumes
+from modal_jobs.stage import StageSpec
 from modal_jobs.stages.train import TrainSpec
 from mole_assets.assets import router_assets
 from mole_assets.cli import main
 from mole_assets.partitions import RUN_NAMES
 from mole_assets.resources import MoleResource
 
-from .conftest import REPO, MakeConfig, write_config
-from .modal_substituted import FolderVolume, remap
+from . import modal_emulated
+from .conftest import REPO, MakeConfig, copy_experts, write_config
+from .modal_emulator import Cloud, unavailable
+from .modal_emulator.cli import client_methods, load_app
+from .modal_emulator.image import ImageDefinition
 
-HARNESS = Path(__file__).with_name("modal_substituted.py")
+NO_CONTAINERS = unavailable()
+# The first test that uses `graphs` runs the whole graph twice (emulated Modal, local); on a
+# loaded machine that outlasts the suite's per-test timeout.
+on_the_graphs = pytest.mark.timeout(3600)
+needs_containers = pytest.mark.skipif(
+    NO_CONTAINERS is not None, reason=f"emulated Modal containers: {NO_CONTAINERS}"
+)
 
 
 # --- the app's functions: built from the one resource table ----------------------------------
@@ -76,36 +88,44 @@ def test_modal_functions_match_resource_table(monkeypatch: pytest.MonkeyPatch, g
         assert [s.name for s in real.secrets] == list(spec.secrets), name
         assert kwargs["timeout"] == spec.timeout_s > 300, name  # Modal's default must never apply
         assert kwargs["retries"].max_retries == spec.retries >= 1, name
+        assert kwargs["max_containers"] == spec.max_containers, name
         assert kwargs["image"] is app.IMAGES[spec.image], name
-    assert recorded["train_router"]["timeout"] >= 3600
     assert recorded["train_router"]["gpu"] == gpu
-    assert app.gpu_image is not app.cpu_image
-    assert [s.name for s in app.SECRETS.values()] == ["huggingface"]
+    assert recorded["deploy_router"]["max_containers"] == 1  # deploys never interleave
     assert {v.name for v in app.VOLUMES.values()} == {
         DATA_VOLUME,
         INFERENCE_VOLUME,
         HF_CACHE_VOLUME,
     }
-    for launch in compute.STAGE_LAUNCHES.values():
-        assert type(getattr(app, launch.entrypoint)).__name__ == "LocalEntrypoint"
 
 
-def test_tensorboard_endpoint_mounts_data_volume() -> None:
-    import modal_jobs.tensorboard_app as board
+def test_every_asset_has_a_local_module_and_a_modal_launch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(modal.App, "function", modal.App.function)  # restored afterwards
+    app, declared = load_app(str(REPO / compute.APP_FILE))
+    assets = {
+        a.key.to_user_string(): a
+        for a in router_assets(load_config(REPO / "config"))
+        if isinstance(a, dg.AssetsDefinition)
+    }
+    assert set(STAGES) == set(assets)
+    table = compute.functions()
+    for asset, stage in STAGES.items():
+        spec = importlib.util.find_spec(f"modal_jobs.stages.{stage.module}")
+        assert spec is not None and spec.origin, asset
+        assert 'if __name__ == "__main__":' in Path(spec.origin).read_text(), asset
+        assert type(getattr(app, stage.entrypoint)).__name__ == "LocalEntrypoint", asset
+        assert set(stage.functions) <= set(table) & set(declared), asset
+        assert cloud.DRIVERS[asset], asset
+        hints = typing.get_type_hints(assets[asset].op.compute_fn.decorated_fn)
+        if stage.options is None:
+            assert "config" not in hints, asset
+        else:  # the Launchpad's config is the options model
+            assert issubclass(hints["config"], stage.options), asset
 
-    spec = board.tensorboard._spec_
-    assert {str(m): v.name for m, v in spec.volumes.items()} == {"/vol/moe-lora-data": DATA_VOLUME}
-    assert board.tensorboard._is_web_endpoint()
 
-
-def test_gpu_parse_rejects_nonsense() -> None:
-    assert str(compute.Gpu.parse("h100:8")) == "H100:8"
-    for bad in ("", "H100:x", "H100:0"):
-        with pytest.raises(ValueError, match="MOLE_MODAL_GPU"):
-            compute.Gpu.parse(bad)
-
-
-def test_dry_with_modal_backend_prints_the_table(
+def test_dry_with_modal_backend_lists_all_six_stages(
     tmp_path: Path,
     dagster_home: Path,
     make_config: MakeConfig,
@@ -115,224 +135,389 @@ def test_dry_with_modal_backend_prints_the_table(
     monkeypatch.setenv("MOLE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MOLE_CONFIG_DIR", str(make_config()))
     monkeypatch.setenv("MOLE_BACKEND", "modal")
-    monkeypatch.setenv(compute.GPU_ENV, "H100:8")
-    app, recorded = _load_app(monkeypatch, "H100:8")
+    _, recorded = _load_app(monkeypatch, "H100:8")
     assert main(["materialize", "dry-modal", "--dry"]) == 0
-    plans = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
-    # The demo expert adapters have no Modal function: they are trained by the local launcher.
-    assert json.loads(plans.pop("expert_adapters"))["backend"] == "local"
-    assert list(plans) == [a for a in compute.STAGE_LAUNCHES if a != "deployed_router"]
+    plans = {
+        asset: json.loads(plan)
+        for asset, plan in (line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    }
+    assert sorted(plans) == sorted(STAGES)
+    assert [a for a, p in plans.items() if not p["selected"]] == ["deployed_router"]
     table = compute.functions()
-    for asset, launch in compute.STAGE_LAUNCHES.items():
-        if asset not in plans:
-            continue
-        plan = json.loads(plans[asset])
-        assert plan["launcher"] == "dagster_modal.ModalClient"
-        assert plan["command"] == f"modal run modal_jobs/mole_app.py::{launch.entrypoint}"
+    for asset, plan in plans.items():
+        assert plan["launcher"] == "dagster_modal.ModalClient", asset
+        assert plan["command"] == f"modal run modal_jobs/mole_app.py::{STAGES[asset].entrypoint}"
         assert plan["run_root"] == "/vol/moe-lora-data/runs/dry-modal"
         for described in plan["functions"]:
             kwargs = recorded[described["function"]]
             assert described == table[described["function"]].describe()
             assert described["gpu"] == kwargs["gpu"] and described["timeout_s"] == kwargs["timeout"]
-            assert described["retries"] == kwargs["retries"].max_retries
             assert described["volumes"] == {v.name: str(m) for m, v in kwargs["volumes"].items()}
-    assert len(plans) == 4  # the Modal stages up to eval_report
-    assert json.loads(plans["router_checkpoint"])["functions"][0]["gpu"] == "H100:8"
+    assert plans["router_checkpoint"]["functions"][0]["gpu"] == "H100:8"
+    assert plans["expert_adapters"]["functions"][0]["function"] == "train_experts"
     assert not (tmp_path / "home").exists()
 
 
-# --- uploads -----------------------------------------------------------------------------------
+def test_gpu_parse_rejects_nonsense() -> None:
+    assert str(compute.Gpu.parse("h100:8")) == "H100:8"
+    for bad in ("", "H100:x", "H100:0"):
+        with pytest.raises(ValueError, match="MOLE_MODAL_GPU"):
+            compute.Gpu.parse(bad)
 
 
-def test_upload_skips_unchanged_files_with_volume_substituted(tmp_path: Path) -> None:
+# --- the images --------------------------------------------------------------------------------
+
+
+def test_gpu_image_torch_cuda_matches_toolkit_and_flash_attn_sees_max_jobs() -> None:
+    import torch
+
+    import modal_jobs.mole_app as mole_app
+
+    image = ImageDefinition.of(mole_app.gpu_image)
+    toolkit = image.base_cuda_major()
+    assert toolkit is not None and image.torch_cuda_major() == toolkit
+    assert int(image.env_before("flash-attn")["MAX_JOBS"]) >= 1
+    image.check_builds()  # what the emulator's `modal run` refuses otherwise
+    # The tests' own torch is the pinned build from that index: its CUDA is the image's.
+    if f"torch=={torch.__version__.split('+')[0]}" in mole_app.TORCH and torch.version.cuda:
+        assert int(torch.version.cuda.split(".")[0]) == toolkit
+
+
+def test_container_sees_the_training_gpu_count_without_the_callers_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app, _ = _load_app(monkeypatch, "H100:8")
+    env = ImageDefinition.of(app.gpu_image).env()
+    # A container imports the app again with only the image's environment.
+    seen = subprocess.run(
+        [sys.executable, "-c", "import modal_jobs.mole_app as a; print(a.TRAIN.gpu)"],
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert seen.stdout.strip() == "H100:8"
+
+
+def test_modal_cli_found_when_the_venv_is_not_on_path() -> None:
+    env = modal_env({"PATH": "/usr/bin:/bin"})
+    assert shutil.which("modal", path=env["PATH"]) == str(Path(ENV_BIN) / "modal")
+    assert modal_env({"PATH": f"/first:{ENV_BIN}"})["PATH"] == f"/first:{ENV_BIN}"
+
+
+# --- the emulated cloud -----------------------------------------------------------------------
+
+
+def _client(monkeypatch: pytest.MonkeyPatch, emulated: Cloud) -> None:
+    for cls, attribute, replacement in client_methods(emulated):
+        monkeypatch.setattr(cls, attribute, replacement)
+
+
+def test_first_upload_to_a_fresh_volume_then_unchanged_files_skipped_emulated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulated = Cloud(tmp_path / "cloud")
+    _client(monkeypatch, emulated)
+    volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True)
+    with pytest.raises(FileNotFoundError):  # what the real client raises for a missing file
+        b"".join(volume.read_file("runs/r/routing_dataset/.uploaded.json"))
     local = tmp_path / "dataset"
     (local / "images").mkdir(parents=True)
     (local / "train.jsonl").write_text("a\n")
     (local / "images" / "1.png").write_bytes(b"png1")
     (local / "images" / "2.png").write_bytes(b"png2")
-    volume = FolderVolume(tmp_path / "volume")
     assert cloud.upload_tree(volume, local, "runs/r/routing_dataset") == (3, 0)
-    volume.uploaded.clear()
     assert cloud.upload_tree(volume, local, "runs/r/routing_dataset") == (0, 3)
-    assert volume.uploaded == ["runs/r/routing_dataset/.uploaded.json"]
     (local / "train.jsonl").write_text("b\n")
     (local / "images" / "2.png").unlink()
-    volume.uploaded.clear()
     assert cloud.upload_tree(volume, local, "runs/r/routing_dataset") == (1, 1)
-    remote = tmp_path / "volume" / "runs/r/routing_dataset"
+    remote = emulated.volume(DATA_VOLUME) / "runs/r/routing_dataset"
     assert (remote / "train.jsonl").read_text() == "b\n"
     assert not (remote / "images" / "2.png").exists()
 
 
-# --- entrypoints with the cloud substituted, through dg.materialize ------------------------------
+@needs_containers
+def test_tensorboard_app_imports_and_serves_in_an_emulated_container(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.request
+
+    monkeypatch.setattr(modal.App, "function", modal.App.function)  # restored afterwards
+    monkeypatch.syspath_prepend(str(REPO))
+    _, declared = load_app(str(REPO / compute.TENSORBOARD_APP_FILE))
+    board = declared["tensorboard"]
+    assert board.volumes() == {"/vol/moe-lora-data": DATA_VOLUME}
+    with (
+        Cloud(tmp_path / "cloud").serve(board) as url,
+        urllib.request.urlopen(f"{url}/data/environment", timeout=30) as response,
+    ):
+        assert response.status == 200
+        assert json.loads(response.read())["data_location"] == "/vol/moe-lora-data/runs"
 
 
-class SubstitutedModalClient(ModalClient):
-    """`dagster_modal.ModalClient`, with `modal run` replaced by tests/modal_substituted.py."""
-
-    def run(self, *, func_ref: str, context: Any, extras: Any = None, env: Any = None) -> Any:
-        return dg.PipesSubprocessClient.run(
-            self,
-            command=[sys.executable, str(HARNESS), func_ref],
-            context=context,
-            extras=extras,
-            env=env,
-        )
+# --- the whole graph on the emulated cloud, and on the local backend ------------------------
 
 
 @dataclass
-class Compared:
-    local: dg.ExecuteInProcessResult
-    modal: dg.ExecuteInProcessResult
-    local_layout: Any
-    cloud_layout: Any
-    calls: Path
+class Graph:
+    """One run of the whole graph: its root, the JSON line and the metadata/check details."""
+
+    root: Path
+    line: dict[str, Any]
+    details: dict[str, Any]
+
+    @property
+    def cloud(self) -> Cloud:
+        return Cloud(self.root / "cloud")
+
+    def data(self, backend: str) -> Path:
+        if backend == "modal":
+            return self.cloud.volume(DATA_VOLUME)
+        return Volumes.local(self.root / "home").data
 
 
-def _materialize(instance: dg.DagsterInstance, config_dir: Path, run: str, backend: str) -> Any:
+def _graph(root: Path, backend: str, models: Path) -> Graph:
+    details = root / "details.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.modal_emulated",
+            "--root",
+            str(root),
+            "--backend",
+            backend,
+            "--models",
+            str(models),
+            "--details",
+            str(details),
+        ],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("MOLE_", "DAGSTER_"))},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    (line,) = done.stdout.splitlines()  # one JSON line, nothing else
+    return Graph(root, json.loads(line), json.loads(details.read_text()))
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory: pytest.TempPathFactory, tiny_base: str) -> dict[str, Graph]:
+    """`make modal-emulated`'s run, and the same graph on the local backend."""
+    if NO_CONTAINERS:
+        pytest.skip(f"emulated Modal containers: {NO_CONTAINERS}")
+    from modal_jobs.demo_data import write_demo_data
+
+    models = Path(tiny_base).parents[1]  # the session's HF cache volume, tiny base built
+    experts = tmp_path_factory.mktemp("experts")  # one copy: the dataset records its paths
+    write_demo_data(experts, modal_emulated.PER_EXPERT, seed=5)
+    return {
+        backend: _graph(tmp_path_factory.mktemp(backend), backend, models, experts)
+        for backend in ("modal", "local")
+    }
+
+
+@on_the_graphs
+def test_modal_emulated_prints_one_json_line_with_every_asset_ok(graphs: dict[str, Graph]) -> None:
+    line = graphs["modal"].line
+    assert line["run"] == "emulated"
+    assert line["assets"] == {a: "ok" for a in modal_emulated.ASSETS}
+    assert 0.0 <= line["accuracy"] <= 1.0
+    assert line["registry_current"].startswith("emulated-")
+    # Every stage ran in containers, expert adapters and evaluation included.
+    started = {s["function"] for s in graphs["modal"].cloud.starts()}
+    assert started == set(compute.functions()) - {"tensorboard"}
+
+
+@on_the_graphs
+def test_modal_graph_reports_the_local_backends_metadata_and_checks(
+    graphs: dict[str, Graph],
+) -> None:
+    local, remote = graphs["local"].details, graphs["modal"].details
+    assert remote["checks"] == local["checks"] and local["checks"]
+    assert sorted(remote["metadata"]) == sorted(local["metadata"]) == sorted(STAGES)
+    for asset, fields in local["metadata"].items():
+        assert {k: t for k, (t, _) in fields.items()} == {
+            k: t for k, (t, _) in remote["metadata"][asset].items()
+        }, asset
+        assert fields["compute_backend"][1] == "local", asset
+        assert remote["metadata"][asset]["compute_backend"][1] == "modal", asset
+    assert graphs["modal"].line["accuracy"] == graphs["local"].line["accuracy"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@on_the_graphs
+def test_modal_graph_artifacts_byte_identical_to_local(graphs: dict[str, Graph]) -> None:
+    local = Volumes(graphs["local"].data("local"), Path(), Path()).run("emulated")
+    remote = Volumes(graphs["modal"].data("modal"), Path(), Path()).run("emulated")
+    dataset = _files(remote.dataset)
+    assert dataset.pop(cloud.UPLOADED)  # the upload's own hash list
+    assert dataset == _files(local.dataset)
+    shards = [f for f in _files(local.shards) if f.endswith(".safetensors")]
+    assert shards and all(
+        (remote.shards / f).read_bytes() == (local.shards / f).read_bytes() for f in shards
+    )
+    weights = "adapter_model.safetensors"
+    assert (remote.checkpoint / weights).read_bytes() == (local.checkpoint / weights).read_bytes()
+    assert (
+        json.loads((remote.report / "report.json").read_text())["confusion_matrix"]
+        == (json.loads((local.report / "report.json").read_text())["confusion_matrix"])
+    )
+    registry = json.loads(
+        (graphs["modal"].cloud.volume(INFERENCE_VOLUME) / "registry.json").read_text()
+    )
+    assert registry["current"] == graphs["local"].line["registry_current"]
+    assert not list(remote.root.glob(".*parts*"))
+
+
+# --- bad input fails once, wherever it is found ----------------------------------------------
+
+
+def _materialize_on(
+    emulated: Cloud,
+    config_dir: Path,
+    home: Path,
+    run: str,
+    selection: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> dg.ExecuteInProcessResult:
+    """`selection` for `run` with MOLE_BACKEND=modal on `emulated`, in this process."""
+    monkeypatch.setenv("PATH", f"{emulated.shim()}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    (home / "dagster").mkdir(parents=True, exist_ok=True)
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions(RUN_NAMES, [run])
     return dg.materialize(
         router_assets(load_config(config_dir)),
         instance=instance,
         partition_key=run,
-        selection=dg.AssetSelection.assets("tokenized_shards"),
-        resources={"mole": MoleResource(config_dir=str(config_dir), backend=backend)},
+        selection=selection,
+        resources={
+            "mole": MoleResource(config_dir=str(config_dir), home=str(home), backend="modal")
+        },
         raise_on_error=False,
     )
 
 
-def _routing_dataset(config_dir: Path, local: Volumes, cloud_data: Path) -> None:
-    """Both runs' routing dataset: built once, and `cmp-modal`'s copy put where the cloud is."""
-    from modal_jobs.stage import StageSpec
-    from modal_jobs.stages import dataset
+def _attempts(result: dg.ExecuteInProcessResult) -> int:
+    return sum(1 for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START)
 
-    spec = StageSpec(run="cmp-local", config=load_config(config_dir), volumes=local)
-    dataset.run(spec)
-    shutil.copytree(
-        spec.layout.dataset,
-        Volumes(cloud_data, local.inference, local.models).run("cmp-modal").dataset,
+
+def _failure(result: dg.ExecuteInProcessResult) -> str:
+    (event,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    return str(event.event_specific_data.error.message)  # type: ignore[union-attr]
+
+
+@needs_containers
+def test_bad_expert_dataset_on_modal_fails_once_with_file_and_line(
+    tmp_path: Path, experts_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experts = copy_experts(experts_dir, tmp_path / "experts")
+    broken = sorted(experts.rglob("*.jsonl"))[0]
+    lines = broken.read_text().splitlines()
+    broken.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    emulated = Cloud(tmp_path / "cloud")
+    config_dir = write_config(tmp_path / "config", experts)
+    result = _materialize_on(
+        emulated, config_dir, tmp_path / "home", "bad", ["routing_dataset"], monkeypatch
     )
+    assert not result.success
+    assert f"{broken}:2" in _failure(result)
+    assert _attempts(result) == 1  # no Dagster retry
+    assert emulated.starts() == []  # built in the entrypoint: no container
 
 
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path) -> Iterator[Compared]:
-    """`tokenized_shards` materialized by the local backend and by the substituted Modal one."""
-    root = tmp_path_factory.mktemp("modal")
-    config_dir = write_config(root / "config", experts_dir)
-    local = Volumes.local()
-    mounts = {
-        f"/vol/{DATA_VOLUME}": str(root / "cloud-data"),
-        f"/vol/{INFERENCE_VOLUME}": str(root / "cloud-inference"),
-        f"/vol/{HF_CACHE_VOLUME}": str(local.models),  # the tiny base, built once per session
-    }
-    _routing_dataset(config_dir, local, root / "cloud-data")
-    (root / "calls").mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DAGSTER_HOME", str(root / "dagster"))
-        patch.setenv("MOLE_TEST_MOUNTS", json.dumps(mounts))
-        patch.setenv("MOLE_TEST_CALLS", str(root / "calls"))
-        patch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        patch.delenv(compute.GPU_ENV, raising=False)
-        patch.setattr(MoleResource, "modal_client", lambda self: SubstitutedModalClient(REPO))
-        (root / "dagster").mkdir()
-        instance = dg.DagsterInstance.get()
-        instance.add_dynamic_partitions(RUN_NAMES, ["cmp-local", "cmp-modal"])
-        on_local = _materialize(instance, config_dir, "cmp-local", "local")
-        on_modal = _materialize(instance, config_dir, "cmp-modal", "modal")
-        yield Compared(
-            on_local,
-            on_modal,
-            local.run("cmp-local"),
-            Volumes(root / "cloud-data", root / "cloud-inference", local.models).run("cmp-modal"),
-            root / "calls",
+@needs_containers
+@on_the_graphs
+def test_damaged_split_on_the_volume_fails_once_in_one_container(
+    graphs: dict[str, Graph], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulated = graphs["modal"].cloud
+    runs = emulated.volume(DATA_VOLUME) / "runs"
+    shutil.copytree(runs / "emulated" / "routing_dataset", runs / "damaged" / "routing_dataset")
+    train = runs / "damaged" / "routing_dataset" / "train.jsonl"
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join([*rows[:2], rows[2][:-7], *rows[3:]]) + "\n")
+    before = len(emulated.starts("shards_plan"))
+    result = _materialize_on(
+        emulated,
+        graphs["modal"].root / "config",
+        tmp_path / "home",
+        "damaged",
+        ["tokenized_shards"],
+        monkeypatch,
+    )
+    assert not result.success
+    assert "/vol/moe-lora-data/runs/damaged/routing_dataset/train.jsonl:3" in _failure(result)
+    assert _attempts(result) == 1
+    assert len(emulated.starts("shards_plan")) == before + 1  # no modal.Retries either
+
+
+# --- deployments: serialized across callers, rollback on the volume --------------------------
+
+
+@needs_containers
+@on_the_graphs
+def test_two_concurrent_deploys_both_kept_and_rollback_on_emulated_modal(
+    graphs: dict[str, Graph], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulated, root = graphs["modal"].cloud, graphs["modal"].root
+    runs = emulated.volume(DATA_VOLUME) / "runs"
+    config = load_config(root / "config")
+    specs = []
+    for twin in ("twin-a", "twin-b"):
+        shutil.copytree(runs / "emulated", runs / twin)
+        spec = StageSpec(run=twin, config=config, volumes=Volumes.local(tmp_path))
+        specs.append(tmp_path / f"{twin}.json")
+        specs[-1].write_text(spec.model_dump_json())
+    env = {**os.environ, "PATH": f"{emulated.shim()}{os.pathsep}{os.environ['PATH']}"}
+    # Make the two deploys' reload-to-commit windows overlap whenever both containers run at
+    # once (without max_containers=1 one registry entry is then lost, every time).
+    emulated.hold_commits("deploy_router", containers=2, seconds=20)
+    # Two callers at once (two machines, as far as Modal is concerned).
+    deploys = [
+        subprocess.Popen(
+            ["modal", "run", f"{compute.APP_FILE}::deploy", "--spec", str(spec)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-
-
-def _metadata(result: dg.ExecuteInProcessResult, key: str) -> dict[str, Any]:
-    events = [
-        e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(key)
+        for spec in specs
     ]
-    assert len(events) == 1, f"{key} materialized {len(events)} times"
-    return dict(events[0].event_specific_data.materialization.metadata)  # type: ignore[union-attr]
+    for deploy in deploys:
+        assert deploy.wait(600) == 0, deploy.stderr.read() if deploy.stderr else ""
+    registry_file = emulated.volume(INFERENCE_VOLUME) / "registry.json"
+    history = json.loads(registry_file.read_text())["history"]
+    deployed = [entry["run"] for entry in history if "run" in entry]
+    assert {"twin-a", "twin-b"} <= set(deployed) and deployed[0] == "emulated"
+    last, before_last = deployed[-1], deployed[-2]
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("MOLE_BACKEND", "modal")
+    assert main(["deploy", "--rollback"]) == 0  # `mole deploy --rollback`, on Modal
+    current = json.loads(registry_file.read_text())["current"]
+    assert current.startswith(f"{before_last}-") and not current.startswith(f"{last}-")
 
 
-def _checks(result: dg.ExecuteInProcessResult) -> set[tuple[str, str, bool]]:
-    return {
-        (e.asset_key.to_user_string(), e.check_name, e.passed)
-        for e in (
-            ev.event_specific_data
-            for ev in result.all_events
-            if ev.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
-        )
-    }
+# --- training commits each resume point ---------------------------------------------------------
 
 
-def test_modal_entrypoint_with_cloud_substituted_reports_local_metadata(
-    compared: Compared,
-) -> None:
-    assert compared.local.success and compared.modal.success
-    local = _metadata(compared.local, "tokenized_shards")
-    remote = _metadata(compared.modal, "tokenized_shards")
-    assert sorted(local) == sorted(remote)
-    assert {k: type(v) for k, v in local.items()} == {k: type(v) for k, v in remote.items()}
-    assert local["compute_backend"].value == "local" and remote["compute_backend"].value == "modal"
-    assert local["estimated_cost_usd"].value == 0.0
-    assert remote["gpu"].value == "none" and remote["estimated_cost_usd"].value > 0
-    assert (
-        _checks(compared.local)
-        == _checks(compared.modal)
-        == {("tokenized_shards", "splits_nonempty", True)}
-    )
-
-
-def test_modal_shards_from_map_fan_out_identical_to_local(compared: Compared) -> None:
-    local = json.loads((compared.local_layout.shards / "index.json").read_text())
-    remote = json.loads((compared.cloud_layout.shards / "index.json").read_text())
-    assert remote["shards_version"] == local["shards_version"]
-    assert remote["splits"] == local["splits"]
-    for split in local["splits"].values():
-        for shard in split["files"]:
-            assert (compared.cloud_layout.shards / shard["name"]).read_bytes() == (
-                compared.local_layout.shards / shard["name"]
-            ).read_bytes()
-    calls = json.loads((compared.calls / "shards.json").read_text())
-    chunks = [f for s in local["splits"].values() for f in s["files"]]
-    assert len(calls) == 2 + len(chunks)  # plan, one .map() call per chunk, finish
-    assert all(call[0]["volumes"]["data"] == "/vol/moe-lora-data" for call in calls)
-    assert not list(compared.cloud_layout.root.glob(".*parts*"))
-
-
-class RecordingTrain:
-    """`train_router` with the cloud substituted: records what the entrypoint sends."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def remote(self, spec: dict[str, Any]) -> dict[str, Any]:
-        self.sent.append(spec)
-        return {"data_version": "0" * 16, "metadata": {}, "checks": []}
-
-
-def test_modal_train_entrypoint_passes_volume_resume_location_with_cloud_substituted(
-    tmp_path: Path, make_config: MakeConfig, capsys: pytest.CaptureFixture[str]
-) -> None:
-    spec = TrainSpec(run="r7", config=load_config(make_config()), volumes=Volumes.local(tmp_path))
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(spec.model_dump_json())
-    train = RecordingTrain()
-    cloud.launch("router_checkpoint", str(spec_file), {"train_router": train})
-    (sent,) = train.sent
-    assert TrainSpec.model_validate(sent).layout.resume == Path(
-        "/vol/moe-lora-data/runs/r7/train_state"
-    )
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["metadata"]["compute_backend"]["raw_value"] == "modal"
-
-
-def test_modal_training_commits_volume_after_each_resume_point_with_cloud_substituted(
-    compared: Compared, monkeypatch: pytest.MonkeyPatch
+@on_the_graphs
+def test_modal_training_commits_volume_after_each_resume_point(
+    graphs: dict[str, Graph], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import modal_jobs.mole_app as mole_app
 
+    local = graphs["local"]
+    layout = Volumes.local(local.root / "home").run("emulated")
     commits: list[list[str]] = []
 
     class CountingVolume:
@@ -340,17 +525,21 @@ def test_modal_training_commits_volume_after_each_resume_point_with_cloud_substi
             pass
 
         def commit(self) -> None:
-            commits.append(sorted(p.name for p in compared.cloud_layout.resume.glob("step-*")))
+            commits.append(sorted(p.name for p in layout.resume.glob("step-*")))
 
     monkeypatch.delenv(compute.GPU_ENV, raising=False)
     mole_app = importlib.reload(mole_app)  # earlier tests imported it under other GPU settings
     monkeypatch.setattr(mole_app, "_in_container", lambda: True)
     monkeypatch.setattr(mole_app, "data_volume", CountingVolume())
     monkeypatch.setattr(mole_app, "hf_cache_volume", CountingVolume())
-    (plan_call, *_) = json.loads((compared.calls / "shards.json").read_text())
-    sent = cloud.container_spec({**plan_call[0], "mode": "test", "checkpoint_every": 2})
-    mounts = json.loads(os.environ["MOLE_TEST_MOUNTS"])  # set by the `compared` fixture
-    result = mole_app.train_router.local(remap(sent, mounts))
+    spec = TrainSpec(
+        run="emulated",
+        config=load_config(local.root / "config"),
+        volumes=Volumes.local(local.root / "home"),
+        mode="test",
+        checkpoint_every=2,
+    )
+    result = mole_app.train_router.local(spec.model_dump(mode="json"))
     # test mode trains 8 steps: resume points after 2, 4 and 6, each committed, then the end.
     assert commits == [
         ["step-0000002"],

@@ -6,9 +6,9 @@ spec — rewritten to the volumes' mount paths — to the Modal functions (`.rem
 and reports the `StageResult` they return, plus what the run cost. Pipes environment variables
 never reach the containers, so containers only return values.
 
-`remotes` maps a function name (`compute.FUNCTIONS`) to a `modal.Function`, plus `data_volume` to
-the data `modal.Volume`; any object with the same `.remote` / `.map` / volume methods works, which
-is how the tests run this logic with Modal's cloud substituted.
+`remotes` maps a function name (`compute.functions()`) to a `modal.Function`, plus `data_volume`
+to the data `modal.Volume` (`mole_app.REMOTES`). Containers never raise bad input (Modal would
+retry it): they return it, and `unwrap` raises it here, once.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from dagster_pipes import open_dagster_pipes
-from modal.exception import NotFoundError
 
+from modal_jobs.errors import MoleError
 from modal_jobs.hashing import file_sha256
-from modal_jobs.launch.compute import STAGE_LAUNCHES, cost_metadata, functions
-from modal_jobs.launch.pipes import forward_logs, report
+from modal_jobs.launch.compute import cost_metadata, functions
+from modal_jobs.launch.pipes import forward_logs, record_bad_input, report
+from modal_jobs.launch.table import STAGES
 from modal_jobs.layout import DATA_VOLUME, Volumes
 from modal_jobs.stage import StageResult, StageSpec
 
@@ -37,6 +38,29 @@ Remotes = Mapping[str, Any]
 Driver = Callable[[dict[str, Any], Remotes], dict[str, Any]]
 # Beside the dataset on the volume: relative path → sha256 of every file uploaded last time.
 UPLOADED = ".uploaded.json"
+# What a Modal function returns instead of raising bad input (see `mole_app.returns_bad_input`).
+BAD_INPUT = "bad_input"
+
+
+class RemoteBadInput(MoleError):
+    """Bad input found in a Modal container, raised again on the caller's side."""
+
+
+def bad_input(exc: MoleError) -> dict[str, Any]:
+    """The value a container returns for bad input: the message, no retry."""
+    return {BAD_INPUT: str(exc)}
+
+
+def unwrap(result: Any) -> Any:
+    """A function's result, raising what a container returned as bad input."""
+    if isinstance(result, dict) and set(result) == {BAD_INPUT}:
+        raise RemoteBadInput(result[BAD_INPUT])
+    return result
+
+
+def call(remotes: Remotes, function: str, *args: Any, **kwargs: Any) -> Any:
+    """`remotes[function].remote(...)`, bad input raised here."""
+    return unwrap(remotes[function].remote(*args, **kwargs))
 
 
 def container_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -53,8 +77,17 @@ def launch(asset: str, spec_file: str, remotes: Remotes) -> None:
         print(json.dumps(_drive(asset, spec, remotes).to_json(), indent=2, default=str))
         return
     with open_dagster_pipes() as context, forward_logs(context):
-        result = _drive(asset, context.extras["spec"], remotes)
+        try:
+            result = _drive(asset, context.extras["spec"], remotes)
+        except MoleError as exc:
+            record_bad_input(context, exc)
+            raise
         report(context, result)
+
+
+def rollback(remotes: Remotes) -> str:
+    """Roll the deployment back on the inference volume, in the one deploy container."""
+    return str(call(remotes, "deploy_router", None, rollback=True)["current"])
 
 
 def _drive(asset: str, spec: dict[str, Any], remotes: Remotes) -> StageResult:
@@ -62,7 +95,7 @@ def _drive(asset: str, spec: dict[str, Any], remotes: Remotes) -> StageResult:
     result = StageResult.from_json(DRIVERS[asset](spec, remotes))
     seconds = time.perf_counter() - started
     table = functions()
-    called = [table[name] for name in STAGE_LAUNCHES[asset].functions]
+    called = [table[name] for name in STAGES[asset].functions]
     gpu = next((f.gpu for f in called if f.gpu), None)
     cores = sum(f.cpu for f in called)
     # Wall time of the calls, cold starts and queueing included: an upper bound for one
@@ -86,14 +119,13 @@ def _shards(spec: dict[str, Any], remotes: Remotes) -> dict[str, Any]:
     """Plan once, tokenize every chunk in its own container, merge."""
     started = time.perf_counter()
     sent = container_spec(spec)
-    plan = remotes["shards_plan"].remote(sent)
+    plan = call(remotes, "shards_plan", sent)
     chunks = plan["chunks"]
     log.info("tokenizing %d chunk(s) in parallel containers", len(chunks))
-    entries = list(
-        remotes["shards_chunk"].map([sent] * len(chunks), [plan["base"]] * len(chunks), chunks)
-    )
+    mapped = remotes["shards_chunk"].map([sent] * len(chunks), [plan["base"]] * len(chunks), chunks)
+    entries = [unwrap(entry) for entry in mapped]
     seconds = time.perf_counter() - started
-    result: dict[str, Any] = remotes["shards_finish"].remote(sent, plan["base"], entries, seconds)
+    result: dict[str, Any] = call(remotes, "shards_finish", sent, plan["base"], entries, seconds)
     return result
 
 
@@ -104,13 +136,13 @@ def _train(spec: dict[str, Any], remotes: Remotes) -> dict[str, Any]:
     sent = container_spec(spec)
     resume = TrainSpec.model_validate(sent).layout.resume
     log.info("training on Modal; resume points under %s:%s", DATA_VOLUME, resume)
-    result: dict[str, Any] = remotes["train_router"].remote(sent)
+    result: dict[str, Any] = call(remotes, "train_router", sent)
     return result
 
 
 def _single(function: str) -> Driver:
     def drive(spec: dict[str, Any], remotes: Remotes) -> dict[str, Any]:
-        result: dict[str, Any] = remotes[function].remote(container_spec(spec))
+        result: dict[str, Any] = call(remotes, function, container_spec(spec))
         return result
 
     return drive
@@ -120,6 +152,7 @@ DRIVERS: dict[str, Driver] = {
     "routing_dataset": _dataset,
     "tokenized_shards": _shards,
     "router_checkpoint": _train,
+    "expert_adapters": _single("train_experts"),
     "eval_report": _single("evaluate_router"),
     "deployed_router": _single("deploy_router"),
 }
@@ -152,6 +185,6 @@ def upload_tree(volume: Any, local_dir: Path, remote_dir: str) -> tuple[int, int
 def _uploaded(volume: Any, path: str) -> dict[str, str]:
     try:
         blob = b"".join(volume.read_file(path))
-    except NotFoundError:
+    except FileNotFoundError:  # what `modal.Volume.read_file` raises for a missing file
         return {}
     return dict(json.loads(blob))

@@ -1,8 +1,9 @@
-"""What each Modal function asks for, what it costs, and how a person launches it.
+"""What each Modal function asks for and what it costs.
 
 The one table of Modal resources: `modal_jobs/mole_app.py` builds every `@app.function` from
-`FUNCTIONS`, and `mole materialize --dry` prints the same entries, so the two cannot drift.
-This module imports nothing from `modal`, so planning and cost reporting work without it.
+`functions()`, and `mole materialize --dry` prints the same entries (via `launch/table.py`), so
+the two cannot drift. This module imports nothing from `modal`, so planning and cost reporting
+work without it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from modal_jobs.stage import MetadataValue, number, text
 
 # `MOLE_MODAL_GPU`: the training GPU, Modal's syntax `TYPE` or `TYPE:COUNT` (e.g. `H100:8`).
 # Read at import, like Modal reads its decorators: set it before `modal run` / `mole materialize`.
+# The GPU image carries the same value in its environment, so the container, which imports the
+# app again without the caller's environment, sees the count it was given.
 GPU_ENV = "MOLE_MODAL_GPU"
 DEFAULT_GPU = "H100"
 # `MOLE_TRAIN_PROCS`: training processes on the local backend (default 1). Above 1 the stage runs
@@ -99,7 +102,11 @@ def stage_command(module: str, procs: int = 1) -> list[str]:
 
 @dataclass(frozen=True)
 class FunctionResources:
-    """Everything one `@app.function` requests; `mole_app.py` passes these straight to Modal."""
+    """Everything one `@app.function` requests; `mole_app.py` passes these straight to Modal.
+
+    `max_containers=1` makes Modal run the function's inputs one at a time, whoever calls it
+    (the limit is enforced by Modal's scheduler, not by the caller's machine).
+    """
 
     name: str
     image: Literal["cpu", "gpu"]
@@ -110,6 +117,7 @@ class FunctionResources:
     retries: int
     volumes: tuple[str, ...]
     secrets: tuple[str, ...] = ()
+    max_containers: int | None = None
 
     def mounts(self) -> dict[str, str]:
         """Volume name → mount path inside the container."""
@@ -125,6 +133,7 @@ class FunctionResources:
             "memory_mib": self.memory_mib,
             "timeout_s": self.timeout_s,
             "retries": self.retries,
+            "max_containers": self.max_containers,
             "volumes": self.mounts(),
             "secrets": list(self.secrets),
         }
@@ -133,90 +142,40 @@ class FunctionResources:
 def functions(gpu: Gpu | None = None) -> dict[str, FunctionResources]:
     """Every Modal function of the app with its resources (training on `gpu`, default the env's)."""
     train_gpu = gpu or training_gpu()
+    # The base model (built `tiny`, or the HF download) lives on the HF cache volume: every
+    # function that loads the processor or the model mounts it.
     weights = (DATA_VOLUME, HF_CACHE_VOLUME)
+    # Expert adapters are trained onto, and read back from, the inference volume.
+    stack = (DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME)
     hf = (HF_SECRET,)
+    eval_gpu = Gpu(train_gpu.type)
     table = [
         # Resolves the base once (builds `tiny`, or fills the HF cache) and plans the chunks.
         FunctionResources("shards_plan", "cpu", None, 2, 8192, 45 * MINUTE, 2, weights, hf),
         FunctionResources("shards_chunk", "cpu", None, 4, 8192, 30 * MINUTE, 3, weights, hf),
-        FunctionResources("shards_finish", "cpu", None, 1, 2048, 15 * MINUTE, 2, (DATA_VOLUME,)),
+        FunctionResources("shards_finish", "cpu", None, 1, 2048, 15 * MINUTE, 2, weights, hf),
         # Preemptible GPUs: retries resume from the newest resume point on the data volume.
         FunctionResources(
             "train_router", "gpu", train_gpu, 8 * train_gpu.count, 65536, 12 * HOUR, 4, weights, hf
         ),
+        FunctionResources("train_experts", "gpu", eval_gpu, 4, 32768, 2 * HOUR, 2, stack, hf),
+        FunctionResources("evaluate_router", "gpu", eval_gpu, 4, 32768, 2 * HOUR, 2, stack, hf),
+        # One container at a time: registry updates (deploys, rollbacks) never interleave.
         FunctionResources(
-            "evaluate_router", "gpu", Gpu(train_gpu.type), 4, 32768, 2 * HOUR, 2, weights, hf
-        ),
-        FunctionResources(
-            "deploy_router", "cpu", None, 1, 2048, 15 * MINUTE, 1, (DATA_VOLUME, INFERENCE_VOLUME)
+            "deploy_router",
+            "cpu",
+            None,
+            1,
+            2048,
+            15 * MINUTE,
+            1,
+            (DATA_VOLUME, INFERENCE_VOLUME),
+            max_containers=1,
         ),
         # Web endpoints take no retries (Modal refuses them); a failed request is simply retried.
         FunctionResources("tensorboard", "cpu", None, 1, 2048, 1 * HOUR, 0, (DATA_VOLUME,)),
     ]
     return {resources.name: resources for resources in table}
-
-
-@dataclass(frozen=True)
-class StageLaunch:
-    """How the Modal backend runs one asset: its entrypoint and the functions it calls."""
-
-    asset: str
-    entrypoint: str
-    functions: tuple[str, ...]
-    note: str
-
-    @property
-    def func_ref(self) -> str:
-        """What `dagster_modal.ModalClient` passes to `modal run`."""
-        return f"{APP_FILE}::{self.entrypoint}"
-
-
-STAGE_LAUNCHES = {
-    launch.asset: launch
-    for launch in (
-        StageLaunch(
-            "routing_dataset",
-            "dataset",
-            (),
-            "built in the entrypoint process, where the expert data is; then batch-uploaded "
-            f"to the {DATA_VOLUME} volume (unchanged files skipped by content hash)",
-        ),
-        StageLaunch(
-            "tokenized_shards",
-            "shards",
-            ("shards_plan", "shards_chunk", "shards_finish"),
-            "plan once, .map() one container per shard chunk, merge into index.json",
-        ),
-        StageLaunch(
-            "router_checkpoint",
-            "train",
-            ("train_router",),
-            "resumes from the newest train_state/step-N; torchrun for GPU count > 1",
-        ),
-        StageLaunch("eval_report", "evaluate", ("evaluate_router",), "held-out eval split"),
-        StageLaunch(
-            "deployed_router",
-            "deploy",
-            ("deploy_router",),
-            "atomic publish to the inference volume",
-        ),
-    )
-}
-
-
-def modal_plan(asset: str) -> dict[str, Any]:
-    """The Modal backend's `--dry` entry for one asset (nothing is imported from `modal`)."""
-    launch = STAGE_LAUNCHES[asset]
-    table = functions()
-    return {
-        "backend": "modal",
-        "launcher": "dagster_modal.ModalClient",
-        "command": f"modal run {launch.func_ref}",
-        "app": APP_NAME,
-        "note": launch.note,
-        "functions": [table[name].describe() for name in launch.functions],
-        "run_root": str(MODAL_MOUNT_ROOT / DATA_VOLUME / "runs"),
-    }
 
 
 def cost_metadata(

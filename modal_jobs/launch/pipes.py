@@ -65,6 +65,12 @@ def report(context: PipesContext, result: StageResult) -> None:
         )
 
 
+def record_bad_input(context: PipesContext, exc: MoleError) -> None:
+    """Tell the launcher the input is bad: it fails the asset once, with this message."""
+    if BAD_INPUT_EXTRA in context.extras:
+        Path(context.extras[BAD_INPUT_EXTRA]).write_text(str(exc))
+
+
 def main(
     run: Callable[[S], StageResult], spec_type: type[S], argv: list[str] | None = None
 ) -> None:
@@ -114,9 +120,7 @@ def _run_under_pipes(run: Callable[[S], StageResult], spec_type: type[S]) -> Non
             with forward_logs(context):
                 result = run(spec_type.model_validate(context.extras["spec"]))
         except MoleError as exc:
-            # The launcher turns this file into a non-retried failure that shows the message.
-            if BAD_INPUT_EXTRA in context.extras:
-                Path(context.extras[BAD_INPUT_EXTRA]).write_text(str(exc))
+            record_bad_input(context, exc)
             raise
         seconds = time.perf_counter() - started
         report(context, result.with_metadata(cost_metadata("local", local_gpu(), seconds)))

@@ -3,8 +3,11 @@
 `tiny` is a random-init Qwen3-VL from a small config with a byte-level BPE tokenizer made here,
 then trained briefly on synthetic screens and their expert answers. A random base sees little
 more than colour statistics; this short pre-training is the honest stand-in for a pretrained VLM
-that already understands screens. It is built once per preset definition and cached under the
-models volume, so every run and every fresh process reuses the same saved base and processor.
+that already understands screens. `qwen3-vl-2b-local` has the published Qwen3-VL-2B-Instruct
+shapes, Qwen3's real tokenizer (`modal_jobs/ml/qwen3_tokenizer.py`) and random bf16 weights: the
+production model path, run without a hub. A local preset is built once per definition and cached
+under the models volume, so every run and every fresh process reuses the same saved base and
+processor, loaded with `from_pretrained` like a hub checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoTokenizer,
     PreTrainedTokenizerFast,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
@@ -32,7 +36,8 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoP
 
 from modal_jobs import demo_data
 from modal_jobs.atomic import atomic_dir, write_json
-from modal_jobs.config import ModelPreset, PretrainSpec
+from modal_jobs.config import ConfigError, ModelPreset, PretrainSpec
+from modal_jobs.ml import qwen3_tokenizer
 from modal_jobs.ml.batching import Encoded, answer_loss, collate, encode
 from modal_jobs.ml.optim import adamw, optimizer_step
 
@@ -49,9 +54,10 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-# Qwen's chat layout (im_start/im_end turns, vision markers around the image pad), written here.
 APP_WORDS = ("calendar", "spreadsheet", "terminal", "email", "code", "editor", "map")
 NAME_PROMPT = "Name a few kinds of apps."
+# Qwen3-VL's chat layout (im_start/im_end turns, vision markers around the image pad), written
+# here: the npm tokenizer carries Qwen3's text-only template, and the hub cannot be read.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
@@ -78,10 +84,12 @@ def resolve_base(name: str, preset: ModelPreset, models_dir: Path) -> str:
 
 
 def preset_key(preset: ModelPreset) -> str:
-    """Short content hash of a preset's definition and the build recipe version."""
-    blob = json.dumps(
-        {"preset": preset.model_dump(mode="json"), "v": BUILD_VERSION}, sort_keys=True
-    )
+    """Short content hash of what a preset's build reads, and the build recipe version.
+
+    The router's LoRA shape and training defaults do not change the base, so they stay out.
+    """
+    built = preset.model_dump(mode="json", exclude={"lora", "train"})
+    blob = json.dumps({"preset": built, "v": BUILD_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -100,14 +108,14 @@ class _build_lock:  # noqa: N801 - used as a context manager, reads like one
 
 
 def build_local_preset(preset: ModelPreset, target: Path) -> None:
-    """Build tokenizer, processor and model for a local preset, pre-train, save atomically."""
-    assert preset.pretrain is not None
+    """Build a local preset's tokenizer, processor and model, pre-train if set, save atomically."""
     started = time.perf_counter()
-    samples = list(_pretrain_samples(preset.pretrain))
+    samples = list(_pretrain_samples(preset.pretrain)) if preset.pretrain is not None else []
     texts = [text for sample in samples for text in (sample.instruction, sample.answer)]
     processor = build_processor(preset, texts)
     model = build_model(preset, processor)
-    pretrain(model, processor, preset, samples)
+    if samples:
+        pretrain(model, processor, preset, samples)
     with atomic_dir(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
@@ -141,8 +149,38 @@ def _pretrain_samples(spec: PretrainSpec) -> Iterator[demo_data.Sample]:
 
 
 def build_processor(preset: ModelPreset, corpus: list[str]) -> Qwen3VLProcessor:
-    """A `Qwen3VLProcessor` around a byte-level BPE tokenizer trained on `corpus`."""
-    assert preset.vision is not None and preset.vocab_size is not None
+    """A `Qwen3VLProcessor` with the preset's tokenizer and Qwen3-VL's image settings."""
+    assert preset.vision is not None
+    tokenizer = real_tokenizer() if preset.tokenizer == "qwen3" else train_tokenizer(preset, corpus)
+    patch = preset.vision.patch_size
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=preset.image.min_pixels,
+        max_pixels=preset.image.max_pixels,
+        image_mean=list(preset.vision.image_mean),
+        image_std=list(preset.vision.image_std),
+    )
+    video_processor = Qwen3VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2)
+    return Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def real_tokenizer() -> Any:
+    """Qwen3's tokenizer as fetched at set-up, with the Qwen3-VL chat template written here."""
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer.tokenizer_dir())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def train_tokenizer(preset: ModelPreset, corpus: list[str]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of `preset.vocab_size` tokens trained on `corpus`."""
+    assert preset.vocab_size is not None
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -154,57 +192,55 @@ def build_processor(preset: ModelPreset, corpus: list[str]) -> Qwen3VLProcessor:
     # App names repeated so each becomes one token, as common words are in a real vocabulary.
     names = [" ".join(APP_WORDS) for _ in range(100)]
     bpe.train_from_iterator(corpus + names, trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-    )
-    patch = preset.vision.patch_size
-    image_processor = Qwen2VLImageProcessor(
-        patch_size=patch,
-        merge_size=2,
-        temporal_patch_size=2,
-        min_pixels=preset.image.min_pixels,
-        max_pixels=preset.image.max_pixels,
-    )
-    video_processor = Qwen3VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2)
-    return Qwen3VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
     )
 
 
 def build_model(preset: ModelPreset, processor: Any) -> Qwen3VLForConditionalGeneration:
     """A random-init Qwen3-VL of the preset's dimensions, wired to the processor's tokens."""
-    assert preset.text is not None and preset.vision is not None and preset.pretrain is not None
-    token = processor.tokenizer.convert_tokens_to_ids
-    text = preset.text.model_dump()
-    head = text["head_dim"]
+    assert preset.text is not None and preset.vision is not None
+    config = model_config(preset, processor.tokenizer)
+    torch.manual_seed(preset.pretrain.seed if preset.pretrain is not None else 0)
+    dtype = getattr(torch, preset.weights_dtype)
+    previous = torch.get_default_dtype()
+    # Created in the saved dtype: a 2B model's fp32 copy would double the build's memory.
+    torch.set_default_dtype(dtype)
+    try:
+        return Qwen3VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def model_config(preset: ModelPreset, tokenizer: Any) -> Qwen3VLConfig:
+    """The `Qwen3VLConfig` of a local preset: its dimensions and the tokenizer's special ids."""
+    assert preset.text is not None and preset.vision is not None
+    text, vision = preset.text, preset.vision
+    head = text.head_dim
     # Interleaved multimodal RoPE sections (temporal, height, width) must sum to head_dim / 2.
     third = head // 6
-    sections = [head // 2 - 2 * third, third, third]
-    config = Qwen3VLConfig(
+    sections = list(text.mrope_section or (head // 2 - 2 * third, third, third))
+    token = tokenizer.convert_tokens_to_ids
+    return Qwen3VLConfig(
         text_config={
-            **text,
-            "vocab_size": len(processor.tokenizer),
-            "max_position_embeddings": 4096,
+            **text.model_dump(exclude={"rope_theta", "mrope_section"}),
+            "vocab_size": vocab_rows(preset, tokenizer),
             "rope_parameters": {
                 "rope_type": "default",
-                "rope_theta": 10000.0,
+                "rope_theta": text.rope_theta,
                 "mrope_section": sections,
                 "mrope_interleaved": True,
             },
         },
         vision_config={
-            **preset.vision.model_dump(),
+            **vision.model_dump(exclude={"deepstack_visual_indexes", "image_mean", "image_std"}),
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "out_hidden_size": text["hidden_size"],
-            "num_position_embeddings": 256,
-            "deepstack_visual_indexes": [preset.vision.depth - 1],
+            "out_hidden_size": text.hidden_size,
+            "deepstack_visual_indexes": list(vision.deepstack_visual_indexes or [vision.depth - 1]),
         },
         image_token_id=token("<|image_pad|>"),
         video_token_id=token("<|video_pad|>"),
@@ -212,8 +248,19 @@ def build_model(preset: ModelPreset, processor: Any) -> Qwen3VLForConditionalGen
         vision_end_token_id=token("<|vision_end|>"),
         tie_word_embeddings=True,
     )
-    torch.manual_seed(preset.pretrain.seed)
-    return Qwen3VLForConditionalGeneration(config)
+
+
+def vocab_rows(preset: ModelPreset, tokenizer: Any) -> int:
+    """Embedding rows: a trained tokenizer's own size, or the preset's (padded) vocabulary."""
+    assert preset.vocab_size is not None
+    if preset.tokenizer == "trained":
+        return len(tokenizer)
+    if preset.vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"config/models.yaml: vocab_size {preset.vocab_size} is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens; fix: set vocab_size to at least {len(tokenizer)}"
+        )
+    return preset.vocab_size
 
 
 def pretrain(

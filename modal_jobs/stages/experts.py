@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import get_peft_model
@@ -28,21 +28,22 @@ from modal_jobs.hashing import combine, file_sha256
 from modal_jobs.ml.batching import Encoded, answer_loss, collate, encode
 from modal_jobs.ml.model import Runtime, load_base, load_processor, lora_config
 from modal_jobs.ml.optim import adamw, optimizer_step
-from modal_jobs.stage import StageResult, StageSpec, json_value, number, path_value
+from modal_jobs.stage import (
+    ExpertsOptions,
+    StageResult,
+    StageSpec,
+    json_value,
+    number,
+    path_value,
+)
 
 log = logging.getLogger(__name__)
 
 TEST_STEPS = 4
 
 
-class ExpertsSpec(StageSpec):
-    """Demo expert training: steps per expert (`test` mode: a handful), batch size, seed."""
-
-    mode: Literal["full", "test"] = "full"
-    steps: int = 40
-    batch_size: int = 8
-    learning_rate: float = 0.003
-    seed: int = 0
+class ExpertsSpec(StageSpec, ExpertsOptions):
+    """Demo expert training: the run, config and volumes plus its options."""
 
 
 def run(spec: ExpertsSpec) -> StageResult:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from modal_jobs.atomic import atomic_dir, pause_point, write_json
 from modal_jobs.config import ConfigError, ImageBounds
 from modal_jobs.errors import MoleError
 from modal_jobs.hashing import file_sha256
-from modal_jobs.ml import plots, rng
+from modal_jobs.ml import memory, plots, rng
 from modal_jobs.ml.batching import collate
 from modal_jobs.ml.distributed import Ranks, agree, all_sum, barrier, data_parallel, process_group
 from modal_jobs.ml.loader import LengthGrouped, loader_workers, step_batches
@@ -49,6 +49,7 @@ from modal_jobs.ml.vision_cache import SAMPLE_IDS, VisionCache, worth_caching
 from modal_jobs.stage import (
     StageResult,
     StageSpec,
+    TrainOptions,
     json_value,
     number,
     path_value,
@@ -66,19 +67,8 @@ ResumePointHook = Callable[[Path], None] | None
 Curve = list[tuple[int, float]]
 
 
-class TrainSpec(StageSpec):
-    """Router-training hyper-parameters; unset ones come from the model preset."""
-
-    mode: Literal["full", "fast", "test"] = "full"
-    steps: int | None = None
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    warmup_steps: int | None = None
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    # None: on for CUDA, off on CPU (see `gradient_checkpointing`).
-    gradient_checkpointing: bool | None = None
+class TrainSpec(StageSpec, TrainOptions):
+    """A router-training run: the run, config and volumes plus its options."""
 
     def total_steps(self) -> int:
         """Steps this run trains for, after the mode is applied."""
@@ -130,6 +120,11 @@ def run(spec: TrainSpec, on_resume_point: ResumePointHook = None) -> StageResult
         index = read_index(spec.layout.shards)
         train = training_split(spec, index)
         order = batch_plan(train, hyper, spec.seed, ranks)
+        shares = (ranks.share(order.at(step)) for step in range(hyper.steps))
+        checkpointing = gradient_checkpointing(spec, runtime)
+        memory.check_plan(
+            index["base"], spec.config.preset.lora, runtime, checkpointing, shares, train
+        )
 
         # model
         processor = load_processor(index["base"])
