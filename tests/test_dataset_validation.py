@@ -387,19 +387,51 @@ def test_same_image_in_two_experts_does_not_leak(env: Env) -> None:
     spec = env.spec(count=KEEP)
     dataset.run(spec)
     rows = {split: read_split(spec.layout.dataset, split) for split in SPLITS}
+    manifest = (spec.layout.dataset / "manifest.json").read_text()
 
     def first_index(split: str, expert: str) -> int:
         row = next(r for r in rows[split] if r["expert"] == expert)
         return int(row["id"].rsplit("-", 1)[1])
 
-    # Give a `map` training sample the very screenshot of a `calendar` eval sample.
-    shutil.copyfile(
-        env.image(first_index("eval", "calendar"), "calendar"),
-        env.image(first_index("train", "map"), "map"),
-    )
-    try:
-        result = dataset.run(spec)
-    except DatasetError:
-        return  # rejecting a screenshot claimed by two experts is also acceptable
+    # Give a `map` training sample the very screenshot of a `calendar` eval sample: the two
+    # labels contradict each other, and splitting either expert alone would leak the image.
+    calendar, map_ = first_index("eval", "calendar"), first_index("train", "map")
+    shutil.copyfile(env.image(calendar, "calendar"), env.image(map_, "map"))
+    with pytest.raises(DatasetError) as err:
+        dataset.run(spec)
+    # Line n + 1 of a demo JSONL holds sample n; both claims are named, with the fix.
+    assert (
+        f"{env.jsonl('map')}:{map_ + 1}: the same image is also used by expert 'calendar' at "
+        f"{env.jsonl('calendar')}:{calendar + 1}; fix: keep each screenshot in one expert"
+    ) in str(err.value)
+    assert (spec.layout.dataset / "manifest.json").read_text() == manifest  # the old one stays
+    assert sorted(p.name for p in spec.layout.root.iterdir()) == ["routing_dataset"]
+
+
+def test_one_screenshot_twice_in_an_expert_lands_in_one_split(env: Env) -> None:
+    shutil.copyfile(env.image(0), env.image(1))
+    spec = env.spec(count=KEEP)
+    result = dataset.run(spec)
+    split_of = {
+        row["id"].rsplit("-", 1)[1]: split
+        for split in SPLITS
+        for row in read_split(spec.layout.dataset, split)
+        if row["expert"] == "map"
+    }
+    assert split_of["00000"] == split_of["00001"]
     leakage = next(check for check in result.checks if check.name == "split_leakage")
-    assert leakage.passed, leakage.metadata
+    assert leakage.passed and leakage.metadata["shared_images"]["raw_value"] == 0
+
+
+def test_split_leakage_check_counts_an_image_in_two_splits(env: Env) -> None:
+    spec = env.spec(count=KEEP)
+    dataset.run(spec)
+    train_row = read_split(spec.layout.dataset, "train")[0]
+    eval_file = spec.layout.dataset / "eval.jsonl"
+    rows = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    rows[0]["image"] = train_row["image"]  # a dataset written by something less careful
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    leakage = next(
+        c for c in dataset.verify(spec.layout.dataset, spec) if c.name == "split_leakage"
+    )
+    assert not leakage.passed and leakage.metadata["shared_images"]["raw_value"] == 1

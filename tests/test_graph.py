@@ -178,19 +178,25 @@ def test_expert_sources_have_content_hash_versions(materialized: Materialized) -
 def test_accuracy_gate_blocks_deployment(
     materialized: Materialized, tmp_path: Path, experts_dir: Path
 ) -> None:
-    strict = write_config(tmp_path / "strict", experts_dir, min_accuracy=1.0)
-    before = materialized.volumes.registry.read_text()
-    result = _materialize(
-        materialized.instance, strict, dg.AssetSelection.assets("eval_report", "deployed_router")
-    )
-    report = json.loads((materialized.layout.report / "report.json").read_text())
-    assert report["accuracy"] < 1.0, "test-mode router unexpectedly perfect"
-    gate = _check_evaluations(result)
-    assert [(g.check_name, g.passed) for g in gate] == [("accuracy_gate", False)]
-    deployed = [
-        e
-        for e in result.get_asset_materialization_events()
-        if e.asset_key == dg.AssetKey("deployed_router")
-    ]
-    assert not deployed
-    assert materialized.volumes.registry.read_text() == before
+    measured = json.loads((materialized.layout.report / "report.json").read_text())
+    assert measured["accuracy"] < 1.0, "test-mode router unexpectedly perfect"
+    # Thresholds from the measured accuracy: one more right answer than measured is refused;
+    # exactly the measured accuracy passes (the gate is "at least").
+    above = (round(measured["accuracy"] * measured["n"]) + 1) / measured["n"]
+    selection = dg.AssetSelection.assets("eval_report", "deployed_router")
+    for threshold, passes in ((above, False), (measured["accuracy"], True)):
+        config = write_config(tmp_path / f"gate-{passes}", experts_dir, min_accuracy=threshold)
+        before = materialized.volumes.registry.read_text()
+        result = _materialize(materialized.instance, config, selection)
+        report = json.loads((materialized.layout.report / "report.json").read_text())
+        assert report["accuracy"] == measured["accuracy"]  # the same router, re-evaluated
+        gate = _check_evaluations(result)
+        assert [(g.check_name, g.passed) for g in gate] == [("accuracy_gate", passes)]
+        assert gate[0].metadata["threshold"].value == threshold
+        deployed = [
+            e
+            for e in result.get_asset_materialization_events()
+            if e.asset_key == dg.AssetKey("deployed_router")
+        ]
+        assert len(deployed) == int(passes)
+        assert (materialized.volumes.registry.read_text() != before) == passes

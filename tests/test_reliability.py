@@ -1,7 +1,9 @@
 """Fault injection: kill -9 during stages, a full disk, damaged files, decompression bombs.
 
 Each case asserts what a reader then sees: the previous complete artifact or the new complete
-one, never a partial one, and that the next run recovers.
+one, never a partial one, and that the next run recovers. Kills land at a known point: the
+stage runs with `MOLE_TEST_PAUSE_AT` (modal_jobs/atomic.py), writes a marker there and pauses,
+and the marker says where it was when it died.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from modal_jobs.atomic import PAUSE_AT
 from modal_jobs.config import load_config
 from modal_jobs.layout import Volumes
 from modal_jobs.serving import registry as deployments
@@ -57,14 +60,45 @@ def prepared(
     return Prepared(spec, spec_file)
 
 
-def stage_process(stage: str, spec: dict[str, Any], spec_file: Path) -> subprocess.Popen[str]:
+def stage_process(
+    stage: str, spec: dict[str, Any], spec_file: Path, pause: tuple[str, Path] | None = None
+) -> subprocess.Popen[str]:
+    """The stage in a subprocess; with `pause=(point, marker)` it stops at that point."""
     spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    if pause is not None:
+        env[PAUSE_AT] = f"{pause[0]}@{pause[1]}"
     return subprocess.Popen(
         [sys.executable, "-m", f"modal_jobs.stages.{stage}", "--spec", str(spec_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=env,
     )
+
+
+def kill_at_marker(process: subprocess.Popen[str], point: str, marker: Path) -> dict[str, Any]:
+    """Wait until the stage pauses at `point`, kill -9 it there; return what its marker says."""
+    try:
+        wait_for(marker.is_file, process)
+        where: dict[str, Any] = json.loads(marker.read_text())
+        # Still alive after writing the marker: it is sleeping at that point when killed.
+        assert process.poll() is None, "stage went on past its pause"
+    finally:
+        process.kill()
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert where["point"] == point and where["pid"] == process.pid
+    marker.unlink()
+    return where
+
+
+def finish(stage: str, spec: dict[str, Any], spec_file: Path) -> str:
+    """Run the stage to the end (no pause); its output."""
+    process = stage_process(stage, spec, spec_file)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
 
 
 def wait_for(predicate: Any, process: subprocess.Popen[str], timeout: float = 240) -> None:
@@ -75,24 +109,27 @@ def wait_for(predicate: Any, process: subprocess.Popen[str], timeout: float = 24
         time.sleep(0.05)
 
 
-def test_kill_during_training_resumes_from_newest_point(prepared: Prepared) -> None:
+def test_kill_during_training_resumes_from_newest_point(prepared: Prepared, tmp_path: Path) -> None:
     layout = prepared.spec.layout
     spec = {**prepared.spec.model_dump(mode="json"), "steps": 40, "checkpoint_every": 10}
-    process = stage_process("train", spec, prepared.spec_file.with_name("train.json"))
-    wait_for(
-        lambda: any((p / "state.json").is_file() for p in layout.resume.glob("step-*")), process
-    )
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    spec_file = tmp_path / "train.json"
+    marker = tmp_path / "marker.json"
+    process = stage_process("train", spec, spec_file, ("resume-point", marker))
+    where = kill_at_marker(process, "resume-point", marker)
+    # Killed right after the first resume point (step 10), before step 11 finished.
+    assert where["step"] == 10 and Path(where["path"]) == layout.resume / "step-0000010"
     assert not (layout.checkpoint / "adapter_model.safetensors").exists()
-    points = sorted(p.name for p in layout.resume.glob("step-*"))
-    newest = int(points[-1].split("-")[1])
-    finished = stage_process("train", spec, prepared.spec_file.with_name("train.json"))
-    output, _ = finished.communicate(timeout=600)
-    assert finished.returncode == 0, output[-3000:]
-    assert re.search(rf"resumed from .*step-0*{newest} \(step {newest}\)", output)
+    assert [p.name for p in layout.resume.iterdir()] == ["step-0000010"]
+    state = json.loads((layout.resume / "step-0000010" / "state.json").read_text())
+    assert [s for s, _ in state["curve"]] == list(range(1, 11))
+
+    output = finish("train", spec, spec_file)
+    assert re.search(r"resumed from .*step-0000010 \(step 10\)", output)
     summary = json.loads((layout.checkpoint / "training_summary.json").read_text())
-    assert summary["resumed_from"] == newest and summary["steps"] == 40
+    assert summary["resumed_from"] == 10 and summary["steps"] == 40
+    curve = json.loads((layout.checkpoint / "loss_curve.json").read_text())
+    assert [s for s, _ in curve] == list(range(1, 41))  # the whole run, not only steps 11-40
+    assert curve[:10] == state["curve"]
     assert not layout.resume.exists()  # resume points are dropped once the adapter is published
     evaluate.run(prepared.spec)  # the published adapter loads and evaluates
 
@@ -110,14 +147,42 @@ def test_damaged_resume_point_falls_back_to_the_one_before(prepared: Prepared) -
     model = get_peft_model(
         load_base(base, Runtime.detect()), lora_config(prepared.spec.config.preset.lora)
     )
-    optimizer, scheduler = adamw([p for p in model.parameters() if p.requires_grad], 1e-3, 0, 10)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer, scheduler = adamw(list(trainable.values()), 1e-3, 0, 10)
+
+    def train_steps(n: int) -> None:
+        for _ in range(n):
+            loss = sum((p * torch.randn_like(p)).sum() for p in trainable.values())
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+
+    def snapshot() -> dict[str, Any]:
+        moments = [optimizer.state[p]["exp_avg"].clone() for p in trainable.values()]
+        weights = {n: p.detach().clone() for n, p in trainable.items()}
+        return {"weights": weights, "moments": moments, "rng": torch.get_rng_state()}
+
     root = prepared.spec.layout.root / "damaged_state"
+    train_steps(3)
     save_state(root, 3, model, optimizer, scheduler)
+    at_3 = snapshot()
+    train_steps(3)
     save_state(root, 6, model, optimizer, scheduler)
+    at_6 = snapshot()
+    for name, weight in at_3["weights"].items():  # the two points really differ
+        assert not torch.equal(weight, at_6["weights"][name]), name
     newest = root / "step-0000006" / "optimizer.safetensors"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    assert resume(root, model, optimizer, scheduler) == 3
-    assert torch.is_tensor(next(iter(model.parameters())))
+
+    assert resume(root, model, optimizer, scheduler).step == 3
+    assert scheduler.last_epoch == 3
+    for name, param in trainable.items():
+        assert torch.equal(param.detach(), at_3["weights"][name]), name
+    for param, moment in zip(trainable.values(), at_3["moments"], strict=True):
+        assert torch.equal(optimizer.state[param]["exp_avg"], moment)
+        assert int(optimizer.state[param]["step"]) == 3
+    assert torch.equal(torch.get_rng_state(), at_3["rng"])
 
 
 def _registry_is_consistent(volumes: Volumes) -> None:
@@ -157,23 +222,27 @@ def test_kill_during_deploy_never_serves_a_mix_and_rollback_restores(
             }
         )
     )
-    began = time.monotonic()
-    clean = _seeded_inference(tmp_path / "seed", tmp_path / "clean", prepared.spec)
-    process = stage_process("deploy", clean.model_dump(mode="json"), tmp_path / "deploy.json")
-    assert process.wait(timeout=300) == 0
-    duration = time.monotonic() - began
-    assert deployments.read_registry(clean.volumes)["current"] == version
-    for step, fraction in enumerate((0.6, 0.8, 0.9, 0.95, 0.98)):
-        spec = _seeded_inference(tmp_path / "seed", tmp_path / f"kill{step}", prepared.spec)
-        process = stage_process("deploy", spec.model_dump(mode="json"), tmp_path / "deploy.json")
-        time.sleep(duration * fraction)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        assert deployments.read_registry(spec.volumes)["current"] in ("previous-000", version)
+    marker = tmp_path / "marker.json"
+    # Killed with the new router staged whole (before its rename), then with it in place but
+    # the registry's new text staged (before that rename): both times the old one is served.
+    points = (f"rename:{version}", f"rename:{seed_spec.volumes.registry.name}")
+    for n, point in enumerate(points):
+        spec = _seeded_inference(tmp_path / "seed", tmp_path / f"kill{n}", prepared.spec)
+        payload = spec.model_dump(mode="json")
+        process = stage_process("deploy", payload, tmp_path / "deploy.json", (point, marker))
+        where = kill_at_marker(process, point, marker)
+        assert Path(where["staging"]).parent == (
+            spec.volumes.routers if n == 0 else spec.volumes.inference
+        )
+        assert deployments.read_registry(spec.volumes)["current"] == "previous-000"
+        assert (spec.volumes.routers / version / "router.json").is_file() == (n == 1)
         _registry_is_consistent(spec.volumes)
-    assert deployments.rollback(clean.volumes) == "previous-000"
-    _registry_is_consistent(clean.volumes)
+        finish("deploy", payload, tmp_path / "deploy.json")  # the re-run deploys
+        assert deployments.read_registry(spec.volumes)["current"] == version
+        _registry_is_consistent(spec.volumes)
+        assert not Path(where["staging"]).exists()
+    assert deployments.rollback(spec.volumes) == "previous-000"
+    _registry_is_consistent(spec.volumes)
 
 
 def _seeded_inference_empty(target: Path, spec: StageSpec) -> StageSpec:
@@ -202,23 +271,32 @@ def test_kill_during_stage_leaves_a_whole_artifact(
 ) -> None:
     _ensure_report(prepared)
     artifact: Path = getattr(prepared.spec.layout, folder)
-    before = sorted(p.name for p in artifact.iterdir())
-    for delay in (1.5, 3.0, 4.5, 6.0):
-        process = stage_process(stage, prepared.spec.model_dump(mode="json"), tmp_path / "s.json")
-        time.sleep(delay)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        json.loads((artifact / index).read_text())  # complete and parseable
-        assert sorted(p.name for p in artifact.iterdir()) == before
-        # Hidden siblings: staging folders (swept by the next write) and the shards' chunk parts.
-        leftovers = [
-            p
-            for p in artifact.parent.iterdir()
-            if p.name.startswith(f".{artifact.name}") and not p.name.endswith(".parts")
-        ]
-        assert all(".tmp-" in p.name for p in leftovers), leftovers
-        assert len(leftovers) <= 1  # the next write sweeps the ones left by killed processes
+    before = {p.name: p.stat().st_mtime_ns for p in artifact.iterdir()}
+    listed = (artifact / index).read_text()
+    spec, spec_file = prepared.spec.model_dump(mode="json"), tmp_path / "s.json"
+    marker = tmp_path / "marker.json"
+    point = f"rename:{artifact.name}"
+    where = kill_at_marker(stage_process(stage, spec, spec_file, (point, marker)), point, marker)
+    staging = Path(where["staging"])
+    # It died with the new artifact staged whole beside the old one, which is untouched.
+    json.loads((staging / index).read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in artifact.iterdir()} == before
+    assert (artifact / index).read_text() == listed
+    assert hidden_siblings(artifact) == [staging]
+
+    finish(stage, spec, spec_file)
+    json.loads((artifact / index).read_text())  # complete and parseable
+    assert sorted(p.name for p in artifact.iterdir()) == sorted(before)
+    assert hidden_siblings(artifact) == []  # the re-run swept what the killed one left
+
+
+def hidden_siblings(artifact: Path) -> list[Path]:
+    """Staging folders beside `artifact` (not the shards' chunk parts, kept for reuse)."""
+    return [
+        p
+        for p in artifact.parent.iterdir()
+        if p.name.startswith(f".{artifact.name}") and not p.name.endswith(".parts")
+    ]
 
 
 def test_full_disk_leaves_nothing_partial(

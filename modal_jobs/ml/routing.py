@@ -63,4 +63,6 @@ def slot_logits(
     hidden = lm.model(**batch, use_cache=False).last_hidden_state
     at = torch.tensor(list(slots), device=hidden.device)
     rows = hidden[torch.arange(len(slots), device=hidden.device), at]
-    return torch.nn.functional.linear(rows, lm.lm_head.weight[label_ids], lm.lm_head.bias)
+    head = lm.lm_head
+    bias = None if head.bias is None else head.bias[label_ids]
+    return torch.nn.functional.linear(rows, head.weight[label_ids], bias)

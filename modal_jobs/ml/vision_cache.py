@@ -26,7 +26,8 @@ DEEPSTACK_EMBEDS = "deepstack_embeds"
 def worth_caching(model: Any, image_tokens: int, visits: int, samples: int) -> bool:
     """Whether the cache pays: samples are seen again, and every one of them fits the budget.
 
-    `image_tokens` is the merged image tokens of all training samples together.
+    `image_tokens` is the merged image tokens of all training samples together; `visits` the
+    sample visits still to come (steps left × batch size: after a resume, not the whole run).
     """
     config = causal_lm(model).config
     layers = 1 + len(config.vision_config.deepstack_visual_indexes)

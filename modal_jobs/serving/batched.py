@@ -22,7 +22,14 @@ from modal_jobs.ml.batching import Encoded, collate, encode, resize_factor, resi
 from modal_jobs.ml.model import causal_lm
 from modal_jobs.ml.ood import SlotFeatures, slot_rows
 from modal_jobs.ml.vision_cache import DEEPSTACK_EMBEDS, IMAGE_EMBEDS, encoder_outputs
-from modal_jobs.serving.inference import MAX_NEW_TOKENS, ROUTER_ADAPTER, Answer, Route, Stack
+from modal_jobs.serving.inference import (
+    MAX_NEW_TOKENS,
+    ROUTER_ADAPTER,
+    Answer,
+    Route,
+    Stack,
+    left_padded,
+)
 
 # A screenshot's frozen vision outputs: merged image embeddings, one tensor per deepstack layer.
 Features = tuple[torch.Tensor, list[torch.Tensor]]
@@ -113,9 +120,8 @@ def answer_batch(
 ) -> list[str]:
     """Greedy answers of one adapter's requests in one left-padded batch."""
     encoded = [item for item in items if item is not None]
-    batch = collate(stack.processor, encoded, stack.router.bounds)
-    batch.pop("labels")
-    batch = {k: v.to(stack.runtime.device) for k, v in left_padded(batch).items()}
+    batch = left_padded(collate(stack.processor, encoded, stack.router.bounds))
+    batch = {k: v.to(stack.runtime.device) for k, v in batch.items()}
     if features is not None:
         batch = with_features(batch, features)
     with stack.lock, stack.adapter(adapter):
@@ -143,18 +149,3 @@ def with_features(batch: dict[str, Any], features: Sequence[Features]) -> dict[s
     layers = len(features[0][1]) if features else 0
     inputs[DEEPSTACK_EMBEDS] = [[deep[layer] for _, deep in features] for layer in range(layers)]
     return encoder_outputs(inputs)
-
-
-def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A right-padded batch with each row's padding moved in front of its tokens.
-
-    `generate()` appends every row's next token after the last column, so a row's prompt must
-    end there; image rows (`pixel_values`, grids) are per image and stay as they are.
-    """
-    lengths = batch["attention_mask"].sum(1).tolist()
-    width = batch["input_ids"].shape[1]
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        rows = [row.roll(width - int(n)) for row, n in zip(batch[key], lengths, strict=True)]
-        out[key] = torch.stack(rows)
-    return out

@@ -181,14 +181,18 @@ class Stack:
 
     @torch.no_grad()
     def generate(self, items: Sequence[Encoded], max_new_tokens: int) -> list[str]:
-        """Greedy `generate()` with whichever adapter is active; the new text of each item."""
-        batch = collate(self.processor, items, self.router.bounds)
-        batch.pop("labels")
-        return self.decode({k: v.to(self.runtime.device) for k, v in batch.items()}, max_new_tokens)
+        """Greedy `generate()` with whichever adapter is active; the new text of each item.
+
+        Decoding appends after the last column, so a batch is left-padded: with right padding
+        a shorter prompt's answer would follow its padding instead of its own last token.
+        """
+        batch = left_padded(collate(self.processor, items, self.router.bounds))
+        batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
+        return self.decode(batch, max_new_tokens)
 
     @torch.no_grad()
     def decode(self, batch: dict[str, Any], max_new_tokens: int) -> list[str]:
-        """Greedy `generate()` of a model-ready batch (on the device); the new text of each row."""
+        """Greedy `generate()` of a model-ready, left-padded batch; the new text of each row."""
         tokenizer = self.processor.tokenizer
         out = self.model.generate(  # type: ignore[no-untyped-call]
             **batch,
@@ -233,3 +237,15 @@ class Stack:
                 out[start : start + len(group), 0] = loss.sum(1).cpu().numpy()
                 out[start : start + len(group), 1] = mask.sum(1).cpu().numpy()
         return out
+
+
+def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded text batch (from `collate`, labels dropped) with its padding moved left."""
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    mask = batch["attention_mask"]
+    shifts = (mask.shape[1] - mask.sum(dim=1)).tolist()
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        batch[key] = torch.stack(
+            [row.roll(int(shift)) for row, shift in zip(batch[key], shifts, strict=True)]
+        )
+    return batch

@@ -1,8 +1,9 @@
 """Stage `router_checkpoint`: train the router LoRA on the tokenized shards.
 
 Reads top to bottom: spec → data → model → optimizer → loop → checkpoint. Resumable: every
-`checkpoint_every` steps the adapter, optimizer, scheduler and RNG state go to the run's
-`train_state/step-N/` (atomically), and a restarted run continues from the newest complete one.
+`checkpoint_every` steps the adapter, optimizer, scheduler, loss curve and every rank's RNG state
+(`modal_jobs/ml/rng.py`) go to the run's `train_state/step-N/` (atomically), and a restarted run
+continues from the newest complete one as if it had never stopped.
 The published output is `adapter_config.json` + `adapter_model.safetensors`, loadable with
 vanilla `peft.PeftModel.from_pretrained` onto the saved base.
 
@@ -18,7 +19,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 
 from modal_jobs.artifacts import read_index
-from modal_jobs.atomic import atomic_dir, write_json
+from modal_jobs.atomic import atomic_dir, pause_point, write_json
 from modal_jobs.config import ConfigError, ImageBounds
+from modal_jobs.errors import MoleError
 from modal_jobs.hashing import file_sha256
-from modal_jobs.ml import memory, plots
+from modal_jobs.ml import memory, plots, rng
 from modal_jobs.ml.batching import collate
 from modal_jobs.ml.distributed import Ranks, agree, all_sum, barrier, data_parallel, process_group
 from modal_jobs.ml.dropout import InstructionDropout
@@ -63,6 +65,7 @@ TEST_SAMPLES = 48
 TEST_STEPS = 8
 KEEP_CHECKPOINTS = 2
 ResumePointHook = Callable[[Path], None] | None
+Curve = list[tuple[int, float]]
 
 
 class TrainSpec(StageSpec, TrainOptions):
@@ -133,7 +136,8 @@ def run(spec: TrainSpec, on_resume_point: ResumePointHook = None) -> StageResult
         optimizer, scheduler = adamw(
             trainable, hyper.learning_rate, hyper.warmup_steps, hyper.steps
         )
-        start = agree(resume(spec.layout.resume, model, optimizer, scheduler), ranks, "resume step")
+        resumed = resume(spec.layout.resume, model, optimizer, scheduler, ranks.rank)
+        start = agree(resumed.step, ranks, "resume step")
 
         # loop
         bounds = ImageBounds(**index["image_bounds"])
@@ -147,7 +151,7 @@ def run(spec: TrainSpec, on_resume_point: ResumePointHook = None) -> StageResult
         )
         batches = Batches(processor, train, bounds, order, ranks, runtime.device, dropout)
         loop = train_loop(
-            spec, hyper, model, batches, (optimizer, scheduler), start, on_resume_point
+            spec, hyper, model, batches, (optimizer, scheduler), resumed, on_resume_point
         )
 
         # checkpoint
@@ -183,6 +187,12 @@ def describe(spec: TrainSpec, index: dict[str, Any], hyper: Hyper, start: int) -
 def training_split(spec: TrainSpec, index: dict[str, Any]) -> Split:
     """The train split (in `test` mode, a seeded subset of `TEST_SAMPLES`)."""
     train = load_split(spec.layout.shards, index, "train")
+    if not train.items:
+        raise MoleError(
+            f"{spec.layout.shards / 'index.json'}: the train split holds no samples; fix: raise "
+            "the experts' `count` or lower the val/eval fractions in config/dataset.yaml, then "
+            "re-materialize routing_dataset and tokenized_shards"
+        )
     if spec.mode != "test":
         return train
     keep = sorted(np.random.default_rng(spec.seed).permutation(len(train.items))[:TEST_SAMPLES])
@@ -260,7 +270,7 @@ class Batches:
 class LoopStats:
     """What the loop measured, summed over ranks: loss per step, tokens and seconds."""
 
-    curve: list[tuple[int, float]] = field(default_factory=list)
+    curve: Curve = field(default_factory=list)
     tokens: int = 0
     positions: int = 0
     seconds: float = 0.0
@@ -280,22 +290,23 @@ def train_loop(
     model: PeftModel,
     batches: Batches,
     schedule: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
-    start: int,
+    resumed: Resumed,
     on_resume_point: ResumePointHook = None,
 ) -> LoopStats:
-    """Optimise from `start` to `hyper.steps`; rank 0 logs to TensorBoard and saves resume points.
+    """Optimise from `resumed.step` to `hyper.steps`, continuing the resumed loss curve.
 
-    On a GPU, loader worker processes collate the next batches while the current step runs.
+    Rank 0 logs to TensorBoard and saves resume points. On a GPU, loader worker processes
+    collate the next batches while the current step runs.
     """
     optimizer, scheduler = schedule
     ranks = batches.ranks
     loss_fn = data_parallel(AnswerLoss(model), ranks, batches.device)
-    cache = VisionCache(model) if cache_vision(model, batches, hyper) else None
+    cache = VisionCache(model) if cache_vision(model, batches, hyper, resumed.step) else None
     writer = SummaryWriter(str(spec.layout.tensorboard)) if ranks.main else None
-    stats = LoopStats()
+    stats = LoopStats(curve=list(resumed.curve))
     began = time.perf_counter()
     model.train()
-    for step, batch in batches.stream(range(start, hyper.steps)):
+    for step, batch in batches.stream(range(resumed.step, hyper.steps)):
         batch = batches.to_device(batch)
         if cache is not None:
             batch = cache.apply(batch)
@@ -309,19 +320,23 @@ def train_loop(
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
         if ranks.main and (done % spec.log_every == 0 or done == hyper.steps):
             log.info("step %d/%d loss %.4f", done, hyper.steps, loss)
-        if ranks.main and done % spec.checkpoint_every == 0 and done < hyper.steps:
-            save_resume_point(spec, done, model, schedule, on_resume_point)
+        if done % spec.checkpoint_every == 0 and done < hyper.steps:
+            save_resume_point(spec, (done, stats.curve), model, schedule, ranks, on_resume_point)
     if writer is not None:
         writer.close()
     stats.seconds = time.perf_counter() - began
     return stats
 
 
-def cache_vision(model: Any, batches: Batches, hyper: Hyper) -> bool:
-    """Whether to keep the frozen vision outputs per sample (`modal_jobs/ml/vision_cache.py`)."""
+def cache_vision(model: Any, batches: Batches, hyper: Hyper, start: int) -> bool:
+    """Whether to keep the frozen vision outputs per sample (`modal_jobs/ml/vision_cache.py`).
+
+    Only the visits still to come count: a run resumed near its end revisits few samples.
+    """
     merge = causal_lm(model).config.vision_config.spatial_merge_size ** 2
     tokens = int(batches.split.grids.prod(axis=1).sum()) // merge
-    return worth_caching(model, tokens, hyper.steps * hyper.batch_size, len(batches.split.items))
+    visits = (hyper.steps - start) * batches.order.batch_size
+    return worth_caching(model, tokens, visits, len(batches.split.items))
 
 
 def train_step(
@@ -353,31 +368,53 @@ def train_step(
 
 def save_resume_point(
     spec: TrainSpec,
-    step: int,
+    progress: tuple[int, Curve],
     model: PeftModel,
     schedule: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+    ranks: Ranks,
     on_resume_point: ResumePointHook,
 ) -> None:
-    """Save the resume point of `step`, then run the hook (on Modal: commit the volume)."""
-    point = save_state(spec.layout.resume, step, model, *schedule)
+    """Save the resume point of `progress` (step, loss curve so far), then run the hook.
+
+    Every rank calls it: each one's RNG state goes into the point, which rank 0 writes. The hook
+    runs on rank 0 (on Modal: commit the data volume, so a preempted container's retry finds it).
+    """
+    states = rng.gathered(ranks)
+    if not ranks.main:
+        return
+    step, curve = progress
+    point = save_state(spec.layout.resume, step, model, *schedule, curve, states)
     if on_resume_point is not None:
         on_resume_point(point)
+    pause_point("resume-point", step=step, path=str(point))
 
 
-def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any) -> Path:
-    """Write a complete resume point `step-N/` (safetensors + JSON only), pruning old ones."""
+def save_state(
+    root: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    curve: Sequence[tuple[int, float]] = (),
+    rng_states: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write a complete resume point `step-N/` (safetensors + JSON only), pruning old ones.
+
+    `rng_states` holds every rank's generators (default: this process's, as a single rank).
+    """
     point = root / f"step-{step:07d}"
     with atomic_dir(point) as staging:
         save_file(get_peft_model_state_dict(model), str(staging / "adapter.safetensors"))
         tensors, layout = _flatten_optimizer(optimizer.state_dict())
-        tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(staging / "optimizer.safetensors"))
+        write_json(staging / "rng.json", rng_states or [rng.capture()])
         write_json(
             staging / "state.json",
             {
                 "step": step,
                 "optimizer": layout,
                 "scheduler": scheduler.state_dict(),
+                "curve": [[s, loss] for s, loss in curve],
             },
         )
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
@@ -385,8 +422,16 @@ def save_state(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any
     return point
 
 
-def resume(root: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
-    """Restore the newest readable resume point; return the step to continue from (0 if none).
+@dataclass(frozen=True)
+class Resumed:
+    """Where training continues: the step and the loss curve up to it (0 and none when fresh)."""
+
+    step: int = 0
+    curve: tuple[tuple[int, float], ...] = ()
+
+
+def resume(root: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0) -> Resumed:
+    """Restore the newest readable resume point (with rank `rank`'s generators); where to go on.
 
     Points are complete by construction (renamed into place whole); one damaged afterwards (a
     truncated file, a bad disk) is skipped with a warning in favour of the one before it.
@@ -396,17 +441,19 @@ def resume(root: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
             state = json.loads((point / "state.json").read_text())
             adapter = load_file(str(point / "adapter.safetensors"))
             tensors = load_file(str(point / "optimizer.safetensors"))
-            rng = tensors.pop("rng.torch")
+            states = json.loads((point / "rng.json").read_text())
+            curve = tuple((int(s), float(loss)) for s, loss in state["curve"])
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             log.warning("skipping unreadable resume point %s: %s", point, exc)
             continue
         set_peft_model_state_dict(model, adapter)
-        torch.set_rng_state(rng)
+        # Another world size cannot replay the same draws; each rank still gets a saved state.
+        rng.restore(states[rank % len(states)])
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         log.info("resumed from %s (step %d)", point, state["step"])
-        return int(state["step"])
-    return 0
+        return Resumed(int(state["step"]), curve)
+    return Resumed()
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -433,9 +480,7 @@ def _unflatten_optimizer(
     return {"state": state, "param_groups": layout["param_groups"]}
 
 
-def publish(
-    target: Path, model: PeftModel, summary: dict[str, Any], curve: list[tuple[int, float]]
-) -> None:
+def publish(target: Path, model: PeftModel, summary: dict[str, Any], curve: Curve) -> None:
     """Write the final adapter, summary and loss curve to `target` in one atomic rename."""
     with atomic_dir(target) as staging:
         model.save_pretrained(str(staging), safe_serialization=True)
