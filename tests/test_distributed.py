@@ -152,11 +152,11 @@ def test_local_backend_plans_torchrun_for_training_only(monkeypatch: pytest.Monk
     resource = MoleResource(config_dir=str(REPO / "config"), backend="local")
     monkeypatch.setenv("MOLE_TRAIN_PROCS", "2")
     torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2"
-    assert resource.plan("train", "x", "router_checkpoint")["command"] == (
+    assert resource.plan("router_checkpoint", "x")["command"] == (
         f"{torchrun} -m modal_jobs.stages.train"
     )
-    evaluate = resource.plan("evaluate", "x", "eval_report")["command"]
+    evaluate = resource.plan("eval_report", "x")["command"]
     assert evaluate == f"{sys.executable} -m modal_jobs.stages.evaluate"
     monkeypatch.setenv("MOLE_TRAIN_PROCS", "two")
     with pytest.raises(ConfigError, match="MOLE_TRAIN_PROCS='two' is not a process count"):
-        resource.plan("train", "x", "router_checkpoint")
+        resource.plan("router_checkpoint", "x")

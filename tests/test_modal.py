@@ -276,7 +276,7 @@ class Graph:
         return Volumes.local(self.root / "home").data
 
 
-def _graph(root: Path, backend: str, models: Path) -> Graph:
+def _graph(root: Path, backend: str, models: Path, experts: Path) -> Graph:
     details = root / "details.json"
     done = subprocess.run(
         [
@@ -291,6 +291,8 @@ def _graph(root: Path, backend: str, models: Path) -> Graph:
             str(models),
             "--details",
             str(details),
+            "--experts",
+            str(experts),
         ],
         cwd=REPO,
         env={k: v for k, v in os.environ.items() if not k.startswith(("MOLE_", "DAGSTER_"))},
