@@ -335,7 +335,9 @@ def cache_vision(model: Any, batches: Batches, hyper: Hyper, start: int) -> bool
     """
     merge = causal_lm(model).config.vision_config.spatial_merge_size ** 2
     tokens = int(batches.split.grids.prod(axis=1).sum()) // merge
-    visits = (hyper.steps - start) * batches.order.batch_size
+    # A batch never holds more samples than the split (the plan clamps it).
+    per_step = min(batches.order.batch_size, len(batches.split.items))
+    visits = (hyper.steps - start) * per_step
     return worth_caching(model, tokens, visits, len(batches.split.items))
 
 
