@@ -24,6 +24,7 @@ from modal_jobs.layout import Volumes
 from modal_jobs.ml import rng
 from modal_jobs.ml.batching import Encoded, answer_loss, collate, encode
 from modal_jobs.ml.distributed import Ranks
+from modal_jobs.ml.dropout import InstructionDropout
 from modal_jobs.ml.loader import LengthGrouped, loader_workers, step_batches
 from modal_jobs.ml.loss import AnswerLoss
 from modal_jobs.ml.model import Runtime, causal_lm, load_base, load_processor, lora_config
@@ -231,14 +232,15 @@ def test_cache_counts_only_the_visits_still_to_come(tiny_base: str) -> None:
     )
     split = Split.of([sample] * 10, np.zeros(10, dtype=np.int64))
     order = LengthGrouped(split.lengths.tolist(), 4, seed=0)
-    batches = Batches(None, split, BOUNDS, order, Ranks(), torch.device("cpu"))
+    keep = InstructionDropout(None, BOUNDS, "", ["a"], rate=0.0, seed=0)
+    batches = Batches(None, split, BOUNDS, order, Ranks(), torch.device("cpu"), keep)
     hyper = Hyper(steps=6, batch_size=4, learning_rate=1e-3, warmup_steps=0)
     assert cache_vision(model, batches, hyper, start=0)  # 24 visits of 10 samples
     assert not cache_vision(model, batches, hyper, start=4)  # 8 visits left: none repeats
     # A batch size above the split's is clamped to it: 2 steps of 3 samples revisit each once.
     small = Split.of([sample] * 3, np.zeros(3, dtype=np.int64))
     clamped = LengthGrouped(small.lengths.tolist(), 16, seed=0)
-    few = Batches(None, small, BOUNDS, clamped, Ranks(), torch.device("cpu"))
+    few = Batches(None, small, BOUNDS, clamped, Ranks(), torch.device("cpu"), keep)
     assert cache_vision(model, few, Hyper(2, 16, 1e-3, 0), start=0)
     assert not cache_vision(model, few, Hyper(2, 16, 1e-3, 0), start=1)
 
