@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from modal_jobs.demo_data import write_demo_data  # noqa: E402
-from modal_jobs.layout import mole_home  # noqa: E402
+from modal_jobs.layout import Volumes, mole_home  # noqa: E402
 from mole_assets.partitions import RUN_NAMES  # noqa: E402
 from mole_assets.postgres import throwaway  # noqa: E402
 from mole_assets.service import running, service_env  # noqa: E402
@@ -68,10 +68,9 @@ def seed_models(home: Path) -> None:
 
     Without one the tiny base is built first (minutes on a small CPU); `make demo` builds it.
     """
-    default = mole_home() / "volumes" / "moe-lora-models"
-    seed = os.environ.get("MOLE_TEST_MODELS") or str(default)
-    if (Path(seed) / "presets").is_dir():
-        shutil.copytree(Path(seed) / "presets", home / "volumes/moe-lora-models/presets")
+    seed = Path(os.environ.get("MOLE_TEST_MODELS") or Volumes.local(mole_home()).models)
+    if (seed / "presets").is_dir():
+        shutil.copytree(seed / "presets", Volumes.local(home).models / "presets")
 
 
 def exercise(client: DagsterGraphQLClient, experts: Path) -> dict[str, Any]:

@@ -42,9 +42,12 @@ from scripts.prod_check import edit_one_sample, settle
 from .conftest import copy_experts, write_config
 
 COUNT = 8  # samples per expert: the queue, pool and crash are the subject, not the model
-# Long enough for a whole test-mode run on a busy 2-core machine: the retry inherits the
-# parent's tags, this one too.
-CRASH_MAX_RUNTIME = 300
+# Long enough to reach training on a busy 2-core machine, short so that monitoring gives up on
+# the dead run soon. The retry inherits the parent's tags; an operator's tag raises its limit
+# to one a whole run fits in.
+CRASH_MAX_RUNTIME = 120
+RETRY_MAX_RUNTIME = 900
+MAX_RUNTIME = "dagster/max_runtime"
 PARTITION = "dagster/partition"
 
 
@@ -58,14 +61,6 @@ class Deployment:
     def instance(self) -> dg.DagsterInstance:
         """A fresh connection to the service's instance (the test process reads Postgres too)."""
         return dg.DagsterInstance.get()
-
-
-# Not yet seen passing end to end on a 2-core machine (each runs whole retrains through the
-# queue); opt in with MOLE_SERVICE_SLOW_TESTS=1 until they are, as the README says.
-not_yet_green = pytest.mark.skipif(
-    os.environ.get("MOLE_SERVICE_SLOW_TESTS") != "1",
-    reason="service pool/crash/restart tests: opt in with MOLE_SERVICE_SLOW_TESTS=1",
-)
 
 
 @pytest.fixture(scope="module")
@@ -105,43 +100,82 @@ def launch(d: Deployment, run: str, tags: dict[str, str] | None = None) -> str:
     )
 
 
-@pytest.mark.timeout(1800)  # whole runs on a busy 2-core machine
-def test_sensor_in_the_daemon_starts_one_retrain_through_the_queue(deployment: Deployment) -> None:
+@dataclass
+class SensorRetrain:
+    """The sensor's retrain after one expert changed, and a manual run launched beside it."""
+
+    baseline: Any  # the first tick that recorded a cursor
+    sensor_run: dg.DagsterRun
+    manual_run: dg.DagsterRun
+    ticks_after: int  # sensor ticks counted once both runs had finished
+
+
+@pytest.fixture(scope="module")
+def sensor_retrain(deployment: Deployment) -> SensorRetrain:
+    """Start the sensor, change one expert and launch a manual run at the same time.
+
+    The two runs are the sensor test's subject and the `gpu` pool test's pair: one deployment
+    runs them once for both.
+    """
     d = deployment
     start_sensor(d.client)
     instance = d.instance()
     baseline = eventually(
         lambda: next((t for t in sensor_ticks(instance) if t.cursor), None), "the baseline tick"
     )
-    assert baseline.skip_reason == "baseline recorded"
-    assert sensor_runs(instance) == []
+    assert sensor_runs(instance) == [], "the baseline tick started a run"
     edit_one_sample(d.experts / "terminal")
-    run = eventually(lambda: next(iter(sensor_runs(instance)), None), "the sensor's run")
-    done = finished(instance, run.run_id)
+    manual = launch(d, "svc-pool")
+    sensor_run = eventually(lambda: next(iter(sensor_runs(instance)), None), "the sensor's run")
+    done = finished(instance, sensor_run.run_id, timeout=900)
+    manual_done = finished(instance, manual, timeout=900)
+    return SensorRetrain(baseline, done, manual_done, len(sensor_ticks(instance)))
+
+
+def latest_materialization_run(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str
+) -> str | None:
+    """The run id of the newest materialization of `key`'s `partition`."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    return records[0].run_id if records else None
+
+
+@pytest.mark.timeout(1800)  # whole runs on a busy 2-core machine
+def test_sensor_in_the_daemon_starts_one_retrain_through_the_queue(
+    deployment: Deployment, sensor_retrain: SensorRetrain
+) -> None:
+    d, retrain = deployment, sensor_retrain
+    instance = d.instance()
+    assert retrain.baseline.skip_reason == "baseline recorded"
+    done = retrain.sensor_run
     assert done.status == dg.DagsterRunStatus.SUCCESS, d.service.log("code-server")[-3000:]
     assert done.tags["mole/changed_experts"] == "terminal"
     partition = done.tags[PARTITION]
     assert partition.startswith("auto-") and instance.has_dynamic_partition(RUN_NAMES, partition)
-    assert went_through_queue(instance, run.run_id)
-    report = instance.get_latest_materialization_event(dg.AssetKey("eval_report"))
-    assert report is not None and report.run_id == run.run_id
+    assert went_through_queue(instance, done.run_id)
+    assert latest_materialization_run(instance, dg.AssetKey("eval_report"), partition) == (
+        done.run_id
+    )
     # Later ticks see the change as known: still exactly one retrain.
-    ticks_then = len(sensor_ticks(instance))
-    eventually(lambda: len(sensor_ticks(instance)) > ticks_then + 1 or None, "two more ticks")
+    ticks = retrain.ticks_after
+    eventually(lambda: len(sensor_ticks(instance)) > ticks + 1 or None, "two more ticks")
     assert len(sensor_runs(instance)) == 1
 
 
-@not_yet_green
 @pytest.mark.timeout(1800)  # whole runs on a busy 2-core machine
-def test_two_runs_at_once_take_turns_on_the_gpu_pool(deployment: Deployment) -> None:
-    d = deployment
-    run_ids = [launch(d, "svc-pool-a"), launch(d, "svc-pool-b")]
-    instance = d.instance()
-    runs = [finished(instance, run_id, timeout=900) for run_id in run_ids]
+def test_two_runs_at_once_take_turns_on_the_gpu_pool(
+    deployment: Deployment, sensor_retrain: SensorRetrain
+) -> None:
+    instance = deployment.instance()
+    runs = [sensor_retrain.sensor_run, sensor_retrain.manual_run]
     assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * 2
+    run_ids = [r.run_id for r in runs]
     records = [instance.get_run_record_by_id(run_id) for run_id in run_ids]
     starts = [r.start_time for r in records if r is not None and r.start_time]
     ends = [r.end_time for r in records if r is not None and r.end_time]
+    assert len(starts) == len(ends) == 2
     assert max(starts) < min(ends), "the two runs did not run at the same time"
     spans = gpu_spans(instance, run_ids)
     assert len(spans) == 2 * len(GPU_STEPS)
@@ -149,13 +183,12 @@ def test_two_runs_at_once_take_turns_on_the_gpu_pool(deployment: Deployment) -> 
     assert pool_waits(instance, run_ids) > 0, "no step ever waited for the gpu pool"
 
 
-@not_yet_green
 @pytest.mark.timeout(1800)  # whole runs on a busy 2-core machine
 def test_crash_of_daemon_and_run_worker_is_resolved_by_monitoring_and_retried(
     deployment: Deployment,
 ) -> None:
     d = deployment
-    run_id = launch(d, "svc-crash", tags={"dagster/max_runtime": str(CRASH_MAX_RUNTIME)})
+    run_id = launch(d, "svc-crash", tags={MAX_RUNTIME: str(CRASH_MAX_RUNTIME)})
     instance = d.instance()
 
     def training_started() -> bool | None:
@@ -172,16 +205,21 @@ def test_crash_of_daemon_and_run_worker_is_resolved_by_monitoring_and_retried(
     d.service.start("code-server")
     d.service.wait_for_code_server(180)
     d.service.start("daemon")
-    failed = finished(instance, run_id, timeout=CRASH_MAX_RUNTIME + 120)
+    failed = finished(instance, run_id, timeout=CRASH_MAX_RUNTIME + 300)
     assert failed.status == dg.DagsterRunStatus.FAILURE
+    # The reason is on the run: monitoring cancels it for its runtime, then (no worker answers)
+    # marks it failed.
     said = [e.dagster_event.message or "" for e in instance.all_logs(run_id) if e.dagster_event]
-    assert any("Exceeded maximum runtime" in m for m in said), said[-5:]
+    reason = f"exceeding maximum runtime of {CRASH_MAX_RUNTIME} seconds"
+    assert any(reason in m for m in said), said[-5:]
 
     def retry() -> dg.DagsterRun | None:
         tagged = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/parent_run_id": run_id}))
         return next(iter(tagged), None)
 
-    retried = finished(instance, eventually(retry, "a retry").run_id, CRASH_MAX_RUNTIME)
+    retry_id = eventually(retry, "a retry").run_id
+    instance.add_run_tags(retry_id, {MAX_RUNTIME: str(RETRY_MAX_RUNTIME)})
+    retried = finished(instance, retry_id, RETRY_MAX_RUNTIME)
     assert retried.status == dg.DagsterRunStatus.SUCCESS, d.service.log("code-server")[-3000:]
     assert retried.tags["dagster/retry_number"] == "1"
     # Nothing lost: the retry re-ran only what had not finished before the crash.
@@ -218,7 +256,6 @@ def snapshot(instance: dg.DagsterInstance) -> dict[str, Any]:
     }
 
 
-@not_yet_green
 def test_runs_partitions_and_versions_survive_restarting_every_service(
     deployment: Deployment,
 ) -> None:
