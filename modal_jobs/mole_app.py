@@ -69,8 +69,12 @@ PACKAGES = (
     "pyspng==0.1.4",
     "numpy==2.4.6",
     "matplotlib==3.11.2",
+    "pandas==3.1.1",
     "tensorboard==2.21.0",
     "dagster-pipes==1.13.28",
+    # The serving class mounts the same ASGI app as `mole serve` (Modal's runtime serves it).
+    "starlette==1.10.0",
+    "prometheus-client==0.26.0",
 )
 # flash-attn has no wheel on PyPI; its setup.py fetches a prebuilt wheel matching torch/CUDA/
 # Python when one exists and otherwise compiles (long, once: Modal caches the image layer).

@@ -49,6 +49,12 @@ needs_containers = pytest.mark.skipif(
 # --- the app's functions: built from the one resource table ----------------------------------
 
 
+def restore_app_decorators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undo, after the test, the emulator's recording of `app.function` / `app.cls`."""
+    monkeypatch.setattr(modal.App, "function", modal.App.function)
+    monkeypatch.setattr(modal.App, "cls", modal.App.cls)
+
+
 def _load_app(monkeypatch: pytest.MonkeyPatch, gpu: str) -> tuple[Any, dict[str, dict[str, Any]]]:
     """Import mole_app afresh under `MOLE_MODAL_GPU=gpu`, recording every decorator's kwargs."""
     monkeypatch.setenv(compute.GPU_ENV, gpu)
@@ -102,7 +108,7 @@ def test_modal_functions_match_resource_table(monkeypatch: pytest.MonkeyPatch, g
 def test_every_asset_has_a_local_module_and_a_modal_launch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(modal.App, "function", modal.App.function)  # restored afterwards
+    restore_app_decorators(monkeypatch)
     app, declared = load_app(str(REPO / compute.APP_FILE))
     assets = {
         a.key.to_user_string(): a
@@ -183,6 +189,56 @@ def test_gpu_image_torch_cuda_matches_toolkit_and_flash_attn_sees_max_jobs() -> 
         assert int(torch.version.cuda.split(".")[0]) == toolkit
 
 
+IMPORT_EVERY_MODULE = """
+import importlib, json, pkgutil
+import modal_jobs
+missing = {}
+for info in pkgutil.walk_packages(modal_jobs.__path__, "modal_jobs."):
+    if not info.name.endswith("__main__"):
+        try:
+            importlib.import_module(info.name)
+        except ModuleNotFoundError as exc:
+            missing[info.name] = exc.name
+print(json.dumps(missing))
+"""
+
+
+def _import_everything(packages: Path, sources: Path) -> dict[str, str]:
+    """Import every `modal_jobs` module as a container would: `/root` and the image's site."""
+    done = subprocess.run(
+        [sys.executable, "-P", "-S", "-c", IMPORT_EVERY_MODULE],
+        env={
+            "PATH": os.environ["PATH"],
+            "HOME": str(sources),
+            "PYTHONPATH": f"{sources}:{packages}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(json.loads(done.stdout))
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_every_module_of_the_project_imports_in_each_image(kind: str, tmp_path: Path) -> None:
+    """A container has only what its image pip-installs (the emulator's site folder), as on
+    Modal: the evaluation stage's `pandas` and the serving app's `starlette` must be there."""
+    import modal_jobs.mole_app as mole_app
+
+    from .modal_emulator.image import site_folder
+
+    image = ImageDefinition.of(mole_app.IMAGES[kind])
+    assert "modal_jobs" in image.python_sources
+    shutil.copytree(REPO / "modal_jobs", tmp_path / "root" / "modal_jobs")  # `/root`'s copy
+    packages = site_folder(image, tmp_path / "images")
+    assert (packages / "torch").is_dir() and not (packages / "dagster").exists()
+    assert _import_everything(packages, tmp_path / "root") == {}
+    # The check can fail: an image without pandas cannot import the eval stage.
+    (packages / "pandas").unlink()
+    assert _import_everything(packages, tmp_path / "root")["modal_jobs.stages.evaluate"] == "pandas"
+
+
 def test_container_sees_the_training_gpu_count_without_the_callers_env(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -242,7 +298,7 @@ def test_tensorboard_app_imports_and_serves_in_an_emulated_container(
 ) -> None:
     import urllib.request
 
-    monkeypatch.setattr(modal.App, "function", modal.App.function)  # restored afterwards
+    restore_app_decorators(monkeypatch)
     monkeypatch.syspath_prepend(str(REPO))
     _, declared = load_app(str(REPO / compute.TENSORBOARD_APP_FILE))
     board = declared["tensorboard"]

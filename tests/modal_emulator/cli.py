@@ -30,10 +30,10 @@ DECLARED: dict[str, Declared] = {}
 def _record_declarations() -> None:
     import modal
 
-    original = modal.App.function
+    original_function, original_cls = modal.App.function, modal.App.cls
 
     def function(self: Any, *args: Any, **options: Any) -> Any:
-        decorate = original(self, *args, **options)
+        decorate = original_function(self, *args, **options)
 
         def wrapper(raw: Any) -> Any:
             created = decorate(raw)
@@ -45,7 +45,21 @@ def _record_declarations() -> None:
 
         return wrapper
 
+    def cls(self: Any, *args: Any, **options: Any) -> Any:
+        decorate = original_cls(self, *args, **options)
+
+        def wrapper(raw: Any) -> Any:
+            created = decorate(raw)
+            user = created._get_user_cls()
+            DECLARED[user.__name__] = Declared(
+                user.__name__, user.__module__, Path(inspect.getfile(user)), options
+            )
+            return created
+
+        return wrapper
+
     modal.App.function = function  # type: ignore[method-assign]
+    modal.App.cls = cls  # type: ignore[method-assign]
 
 
 def _import_app(path: str) -> Any:

@@ -7,6 +7,9 @@ What a call does here, and the modal source it follows:
   `FunctionInfo.get_entrypoint_mount`, modal/_image.py `add_local_python_source`: `.py` files
   only), and the environment of a container: the image's `ENV` lines, the function's secrets,
   Modal's `MODAL_*` variables, `PYTHONPATH=/root` — nothing of the caller's environment;
+- only the packages the image pip-installs (with their dependencies) and Modal's client
+  (modal/builder/2025.06.txt): this machine's interpreter runs with `-S` and a site folder of
+  links to just those (`image.site_folder`), so an import the image lacks fails as on Modal;
 - `retries` (modal/retries.py `Retries`): a failed input is run again in a new container, up to
   `max_retries` times (back-off delays are not waited here);
 - `timeout` (modal/app.py `function`, default 300 s): the container is killed and the call
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .image import ImageDefinition
+from .image import ImageDefinition, site_folder
 from .volumes import VolumeStore
 
 HERE = Path(__file__).resolve().parent
@@ -200,6 +203,7 @@ class Cloud:
             "result": str(home / "result.pkl"),
             "port_file": str(home / "port"),
             "hold": self._hold(declared.name),
+            "runtime_site": site.getsitepackages()[0],
             "holding": str(self.root / "holding" / declared.name),
         }
         (home / "call.pkl").write_bytes(pickle.dumps(call))
@@ -265,6 +269,7 @@ class Cloud:
 
     def _environment(self, declared: Declared, cid: str) -> dict[str, str]:
         image = ImageDefinition.of(declared.options["image"])
+        packages = site_folder(image, self.root / "images")
         env = image.env()
         workspace = self.secrets()
         for secret in declared.options.get("secrets") or ():
@@ -272,7 +277,7 @@ class Cloud:
         return {
             **env,
             "HOME": "/root",
-            "PYTHONPATH": "/root",
+            "PYTHONPATH": f"/root:{packages}",
             # Modal's own variables in every container (modal.com/docs/guide/environment_variables).
             "MODAL_IS_REMOTE": "1",
             "MODAL_TASK_ID": cid,
@@ -303,11 +308,9 @@ class Cloud:
                 f"mkdir -p {shlex.quote(path)}",
                 f"mount --bind {home}/keep/{index} {shlex.quote(path)}",
             ]
-        # The image has pip packages, not this project installed in editable mode.
-        for pth in _editable_installs():
-            lines.append(f"mount --bind /dev/null {shlex.quote(str(pth))}")
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self._environment(declared, cid).items())
-        boot = f"{shlex.quote(sys.executable)} -P {HERE / 'container.py'} {home / 'call.pkl'}"
+        # `-S`: not this machine's site-packages but the image's (`site_folder`), on PYTHONPATH.
+        boot = f"{shlex.quote(sys.executable)} -P -S {HERE / 'container.py'} {home / 'call.pkl'}"
         lines += ["cd /root", f"exec env -i {env} {boot}"]
         return "\n".join(lines)
 
@@ -322,10 +325,6 @@ def _try_lock(handle: Any) -> bool:
 
 def _runtime_paths() -> list[str]:
     return sorted({sys.base_prefix, sys.prefix, str(HERE)})
-
-
-def _editable_installs() -> list[Path]:
-    return [p for d in site.getsitepackages() for p in Path(d).glob("__editable__*.pth")]
 
 
 def _fill_root(root: Path, declared: Declared) -> None:

@@ -103,17 +103,86 @@ def _run(call: dict[str, Any]) -> Any:
     return raw(*call["args"], **call["kwargs"])
 
 
+def _web_app(call: dict[str, Any]) -> tuple[str, Any]:
+    """The endpoint's app and its kind ("asgi" or "wsgi"), made as a web container makes it.
+
+    A function decorated `@modal.asgi_app()` / `@modal.wsgi_app()` is called for the app. A
+    class (`@app.cls`) is instantiated, its `@modal.enter()` methods run (pre-, then
+    post-snapshot; modal/_runtime/user_code_imports.py `lifecycle_context`), then its web method
+    is called (`ImportedClass.get_finalized_functions`).
+    """
+    from modal._partial_function import (
+        _find_callables_for_obj,
+        _find_partial_methods_for_user_cls,
+    )
+    from modal._partial_function import _PartialFunctionFlags as Flags
+    from modal._utils.async_utils import synchronizer
+    from modal_proto import api_pb2
+
+    module = importlib.import_module(call["module"])
+    obj = getattr(module, call["function"])
+    if not hasattr(obj, "_get_user_cls"):
+        config = synchronizer._translate_in(obj)._webhook_config  # set on the local `_Function`
+        return _kind(config.type, api_pb2), _run(call)
+    user = obj._get_user_cls()()
+    for flag in (Flags.ENTER_PRE_SNAPSHOT, Flags.ENTER_POST_SNAPSHOT):
+        for enter in _find_callables_for_obj(user, flag).values():
+            enter()
+    ((name, partial),) = _find_partial_methods_for_user_cls(type(user), Flags.WEB_INTERFACE).items()
+    return _kind(partial.params.webhook_config.type, api_pb2), getattr(user, name)()
+
+
+def _kind(webhook_type: int, api_pb2: Any) -> str:
+    kinds = {api_pb2.WEBHOOK_TYPE_ASGI_APP: "asgi", api_pb2.WEBHOOK_TYPE_WSGI_APP: "wsgi"}
+    if webhook_type not in kinds:
+        raise NotImplementedError(f"emulated Modal serves ASGI and WSGI apps, not {webhook_type}")
+    return kinds[webhook_type]
+
+
 def _serve(call: dict[str, Any]) -> None:
-    """A web endpoint's container: the factory's WSGI app on a free port of 127.0.0.1."""
+    """A web endpoint's container: its app on a free port of 127.0.0.1.
+
+    Modal's runtime serves the app itself (modal/_runtime/asgi.py, with the ASGI lifespan); here
+    uvicorn (ASGI) or wsgiref (WSGI) stands in for it. uvicorn is the emulator's runtime, not
+    the image's: it is loaded from the test environment, which leaves `sys.path` again before
+    the app is imported.
+    """
+    import socket
     from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    sys.path.append(call["runtime_site"])
+    import uvicorn
+    import uvicorn.lifespan.on  # noqa: F401 - loaded now, as said
+    import uvicorn.loops.asyncio  # noqa: F401
+    import uvicorn.protocols.http.h11_impl  # noqa: F401
+
+    sys.path.remove(call["runtime_site"])
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = make_server("127.0.0.1", 0, _run(call), handler_class=Quiet)
-    Path(call["port_file"]).write_text(str(server.server_port))
-    server.serve_forever()
+    kind, app = _web_app(call)
+    if kind == "wsgi":
+        server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+        Path(call["port_file"]).write_text(str(server.server_port))
+        server.serve_forever()
+        return
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app, http="h11", loop="asyncio", ws="none", lifespan="on", log_level="warning"
+    )
+    server_ = uvicorn.Server(config)
+    # The port is announced once the lifespan startup has run (Modal routes requests to a
+    # container only when it has started).
+    original = server_.startup
+
+    async def startup(sockets: Any = None) -> None:
+        await original(sockets)
+        Path(call["port_file"]).write_text(str(sock.getsockname()[1]))
+
+    server_.startup = startup  # type: ignore[method-assign]
+    server_.run(sockets=[sock])
 
 
 def main(call_file: str) -> None:

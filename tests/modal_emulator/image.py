@@ -10,10 +10,19 @@ refuse builds that cannot work.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import re
 import shlex
+import shutil
+import uuid
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 # The builder version whose Dockerfile lines we read (any recent one yields the same commands).
 BUILDER_VERSION = "2025.06"
@@ -129,3 +138,69 @@ class ImageDefinition:
             )
         if "MAX_JOBS" not in self.env_before("flash-attn"):
             raise ImageBuildError("flash-attn build: MAX_JOBS is not set before its layer")
+
+
+# Modal mounts its client (the `modal` package and the requirements of the image builder
+# version) into every container (modal/builder/2025.06.txt; modal/_image.py), whatever the
+# image installs.
+CLIENT_REQUIREMENTS = Path(importlib.util.find_spec("modal").origin or "").parent / "builder"
+
+
+def _client_packages() -> set[str]:
+    lines = (CLIENT_REQUIREMENTS / f"{BUILDER_VERSION}.txt").read_text().splitlines()
+    return {"modal"} | {Requirement(line).name for line in lines if line.strip()}
+
+
+def _closure(names: set[str]) -> set[str]:
+    """`names` and every distribution they require, transitively, as installed here (pip
+    resolves the same dependencies when it builds the image; extras are not installed)."""
+    seen: set[str] = set()
+    todo = [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue  # in the image, not on this machine (flash-attn, ninja): nothing to import
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
+def installed_distributions(image: ImageDefinition) -> set[str]:
+    """Canonical names of the distributions a container of `image` has: those it pip-installs,
+    with their dependencies, and Modal's client."""
+    return _closure(image.packages() | _client_packages())
+
+
+def site_folder(image: ImageDefinition, root: Path) -> Path:
+    """A site-packages folder holding only what `image` installs (links into this machine's).
+
+    Containers run this machine's interpreter with it instead of the test environment's
+    site-packages, so a module the image lacks is absent, as on Modal: importing it raises
+    `ModuleNotFoundError` and `importlib.util.find_spec` returns None. Built once per image.
+    """
+    wanted = installed_distributions(image)
+    key = hashlib.sha256("\n".join(sorted(wanted)).encode()).hexdigest()[:16]
+    folder = root / f"site-{key}"
+    if folder.is_dir():
+        return folder
+    staging = root / f".site-{key}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    for dist in metadata.distributions():
+        if canonicalize_name(dist.metadata["Name"]) not in wanted:
+            continue
+        for top in {Path(str(f)).parts[0] for f in dist.files or () if ".." not in str(f)}:
+            link = staging / top
+            if not link.exists():
+                link.symlink_to(Path(str(dist.locate_file(top))))
+    try:
+        staging.rename(folder)
+    except OSError:  # another container built it meanwhile
+        shutil.rmtree(staging)
+    return folder
