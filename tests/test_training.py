@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -252,9 +252,14 @@ class Prepared:
 
 
 def prepare(root: Path, experts: Path, run: str, count: int) -> Prepared:
-    """A run's dataset and shards with `count` samples per expert."""
+    """A run's dataset and shards with `count` samples per expert.
+
+    Data and inference volumes are the test's own; the models volume is the session's, where
+    `tiny_base` built the base once (a private one would build it again, minutes on 2 cores).
+    """
     config_dir = write_config(root / "config", experts, count=count, expert_adapters=False)
-    spec = StageSpec(run=run, config=load_config(config_dir), volumes=Volumes.local(root / "home"))
+    volumes = replace(Volumes.local(root / "home"), models=Volumes.local().models)
+    spec = StageSpec(run=run, config=load_config(config_dir), volumes=volumes)
     dataset.run(spec)
     shards.run(spec)
     return Prepared(spec, config_dir)
