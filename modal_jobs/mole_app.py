@@ -110,7 +110,7 @@ gpu_image = (
 IMAGES = {"cpu": cpu_image, "gpu": gpu_image}
 # The serving containers import this file again too: the registry check interval travels in
 # their image, as the training GPU does.
-serve_image = gpu_image.env({compute.SERVE_RELOAD_ENV: str(compute.serve_reload_s())})
+serve_image = gpu_image.env({compute.WEB_RELOAD_ENV: str(compute.web_reload_s())})
 
 # --- volumes and secrets -----------------------------------------------------------------------
 data_volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True)
@@ -357,7 +357,7 @@ class Server:
     """`POST /route`, `POST /infer`, `GET /health`, `GET /metrics` of the deployed router.
 
     `modal deploy modal_jobs/mole_app.py` prints the endpoint's URL. Each container loads the
-    stack once (`load`), then checks the registry every `MOLE_SERVE_RELOAD_S` seconds, reloading
+    stack once (`load`), then checks the registry every `MOLE_MODAL_RELOAD_S` seconds, reloading
     the inference volume first so that it sees the deploy function's commits, and swaps in a
     newly deployed (or rolled back) router without a restart.
     """
@@ -368,7 +368,7 @@ class Server:
         from modal_jobs.serving.live import Deployment, Live
 
         deployment = Deployment(Volumes.modal(), before_check=inference_volume.reload)
-        self.live = Live.deployed(deployment, compute.serve_reload_s())
+        self.live = Live.deployed(deployment, compute.web_reload_s())
 
     @modal.asgi_app()
     def web(self) -> Any:

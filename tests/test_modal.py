@@ -314,6 +314,41 @@ def test_tensorboard_app_imports_and_serves_in_an_emulated_container(
         assert json.loads(response.read())["data_location"] == "/vol/moe-lora-data/runs"
 
 
+@needs_containers
+def test_tensorboard_app_shows_a_run_committed_after_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    import urllib.request
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setenv(compute.WEB_RELOAD_ENV, "1")
+    restore_app_decorators(monkeypatch)
+    monkeypatch.syspath_prepend(str(REPO))
+    _, declared = load_app(str(REPO / compute.TENSORBOARD_APP_FILE))
+    emulated = Cloud(tmp_path / "cloud")
+
+    def runs(url: str) -> list[str]:
+        with urllib.request.urlopen(f"{url}/data/runs", timeout=30) as response:
+            return list(json.loads(response.read()))
+
+    with emulated.serve(declared["tensorboard"]) as url:
+        assert runs(url) == []
+        with SummaryWriter(str(tmp_path / "events")) as writer:
+            writer.add_scalar("train/loss", 1.0, 1)
+        (events,) = (tmp_path / "events").iterdir()
+        # A training container's commit, as far as the board can tell: the volume changes
+        # under it, and it sees the change only once it reloads.
+        emulated.store.apply_upload(
+            DATA_VOLUME, {f"runs/later/tensorboard/{events.name}": events.read_bytes()}, False
+        )
+        deadline = time.monotonic() + 120
+        while runs(url) != ["later/tensorboard"]:
+            assert time.monotonic() < deadline, "the board never showed the new run"
+            time.sleep(0.5)
+
+
 # --- the whole graph on the emulated cloud, and on the local backend ------------------------
 
 
@@ -597,7 +632,7 @@ def _serving_class(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Declared]:
 
 
 def test_serving_class_is_declared_from_the_resource_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(compute.SERVE_RELOAD_ENV, "7")
+    monkeypatch.setenv(compute.WEB_RELOAD_ENV, "7")
     mole_app, server = _serving_class(monkeypatch)
     row, options = compute.functions()["serve"], server.options
     assert options["gpu"] == str(row.gpu) and row.gpu is not None
@@ -614,7 +649,7 @@ def test_serving_class_is_declared_from_the_resource_table(monkeypatch: pytest.M
     assert "retries" not in options  # Modal refuses retries on web endpoints
     image, gpu = ImageDefinition.of(options["image"]), ImageDefinition.of(mole_app.gpu_image)
     assert image.commands[: len(gpu.commands)] == gpu.commands  # the GPU image, one layer more
-    assert image.env()[compute.SERVE_RELOAD_ENV] == "7.0"  # travels to the container
+    assert image.env()[compute.WEB_RELOAD_ENV] == "7.0"  # travels to the container
 
 
 def _post(url: str, body: bytes) -> tuple[int, Any]:
@@ -651,7 +686,7 @@ def test_serving_class_on_emulated_modal_answers_and_swaps_in_a_newer_router(
     from modal_jobs.artifacts import read_split
 
     emulated, root = graphs["modal"].cloud, graphs["modal"].root
-    monkeypatch.setenv(compute.SERVE_RELOAD_ENV, "1")
+    monkeypatch.setenv(compute.WEB_RELOAD_ENV, "1")
     _, server = _serving_class(monkeypatch)
     runs = emulated.volume(DATA_VOLUME) / "runs"
     dataset = runs / "emulated" / "routing_dataset"

@@ -26,9 +26,10 @@ DEFAULT_GPU = "H100"
 # `MOLE_TRAIN_PROCS`: training processes on the local backend (default 1). Above 1 the stage runs
 # under `torchrun`, one process per GPU (NCCL) or, without CUDA, gloo processes on the CPU.
 TRAIN_PROCS_ENV = "MOLE_TRAIN_PROCS"
-# `MOLE_SERVE_RELOAD_S`: how often the Modal serving class checks for a newly deployed router.
-# Read at import like `MOLE_MODAL_GPU` and carried in the serving image's environment.
-SERVE_RELOAD_ENV = "MOLE_SERVE_RELOAD_S"
+# `MOLE_MODAL_RELOAD_S`: how often Modal's long-running web containers reload their volume (the
+# serving class, for a newly deployed router; TensorBoard, for new runs). Read at import like
+# `MOLE_MODAL_GPU` and carried in their images' environment.
+WEB_RELOAD_ENV = "MOLE_MODAL_RELOAD_S"
 # Requests one serving container takes at once (`@modal.concurrent`): enough to fill batches
 # of `ServeOptions.max_batch` while the previous batch runs; more start another container.
 SERVE_CONCURRENT_INPUTS = 32
@@ -94,18 +95,18 @@ def train_procs() -> int:
     return int(value)
 
 
-def serve_reload_s() -> float:
-    """The serving class's registry check interval from `MOLE_SERVE_RELOAD_S` (default 30 s)."""
+def web_reload_s() -> float:
+    """The web containers' volume reload interval from `MOLE_MODAL_RELOAD_S` (default 30 s)."""
     from modal_jobs.serving.serve import RELOAD_EVERY_S
 
-    value = os.environ.get(SERVE_RELOAD_ENV, str(RELOAD_EVERY_S)).strip()
+    value = os.environ.get(WEB_RELOAD_ENV, str(RELOAD_EVERY_S)).strip()
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if seconds < 0:
         raise ConfigError(
-            f"{SERVE_RELOAD_ENV}={value!r} is not a number of seconds; fix: set e.g. 30 (0: never)"
+            f"{WEB_RELOAD_ENV}={value!r} is not a number of seconds; fix: set e.g. 30 (0: never)"
         )
     return seconds
 
