@@ -37,6 +37,7 @@ from .modal_emulator import Cloud, unavailable
 from .modal_emulator.cli import client_methods, load_app
 from .modal_emulator.cloud import Declared
 from .modal_emulator.image import ImageDefinition
+from .test_serve import _call, _metrics
 
 NO_CONTAINERS = unavailable()
 # Rows of the resource table that are web endpoints, not `@app.function`s of the stages.
@@ -652,27 +653,6 @@ def test_serving_class_is_declared_from_the_resource_table(monkeypatch: pytest.M
     assert image.env()[compute.WEB_RELOAD_ENV] == "7.0"  # travels to the container
 
 
-def _post(url: str, body: bytes) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, data=body, method="POST")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def _get(url: str) -> Any:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=60) as response:
-        body = response.read()
-    return body.decode() if url.endswith("/metrics") else json.loads(body)
-
-
 @needs_containers
 @on_the_graphs
 def test_serving_class_on_emulated_modal_answers_and_swaps_in_a_newer_router(
@@ -700,17 +680,17 @@ def test_serving_class_on_emulated_modal_answers_and_swaps_in_a_newer_router(
     image = base64.b64encode((dataset / sample["image"]).read_bytes()).decode()
     body = json.dumps({"image": image, "prompt": sample["instruction"]}).encode()
     with emulated.serve(server, startup_s=600) as url:
-        assert _get(f"{url}/health")["router"] == serving
-        status, route = _post(f"{url}/route", body)
+        assert _call(url, "GET", "/health")[1]["router"] == serving
+        status, route = _call(url, "POST", "/route", body)
         assert status == 200, route
         # The eval stage scored the same screenshot and instruction in its own batches.
         assert route["expert"] == expected.routed
         assert route["probabilities"] == pytest.approx(json.loads(expected.probabilities), abs=2e-3)
         assert route["abstained"] == bool(expected.abstained)
-        status, answer = _post(f"{url}/infer", body)
+        status, answer = _call(url, "POST", "/infer", body)
         assert status == 200 and answer["route"]["expert"] == route["expert"], answer
         assert isinstance(answer["answer"], str)
-        assert _post(f"{url}/route", b"{not json")[0] == 400
+        assert _call(url, "POST", "/route", b"{not json")[0] == 400
         # Another run is deployed by the deploy function, in its own container.
         shutil.copytree(runs / "emulated", runs / "served-next")
         spec = StageSpec(
@@ -730,13 +710,13 @@ def test_serving_class_on_emulated_modal_answers_and_swaps_in_a_newer_router(
         newer = json.loads(registry_file.read_text())["current"]
         assert newer.startswith("served-next-") and newer != serving
         deadline = time.monotonic() + 300
-        while _get(f"{url}/health")["router"] != newer:
+        while _call(url, "GET", "/health")[1]["router"] != newer:
             assert time.monotonic() < deadline, "the server never swapped in the newer router"
             time.sleep(0.5)
-        status, again = _post(f"{url}/route", body)
+        status, again = _call(url, "POST", "/route", body)
         assert status == 200 and again["expert"] == route["expert"]  # same weights, new folder
-        metrics = _get(f"{url}/metrics")
-        assert "mole_router_swaps 1.0" in metrics and "mole_router_load_failures 0.0" in metrics
+        metrics = _metrics(url)
+        assert (metrics["mole_router_swaps"], metrics["mole_router_load_failures"]) == (1.0, 0.0)
 
 
 # --- training commits each resume point ---------------------------------------------------------
