@@ -56,10 +56,15 @@ def read_report(spec: StageSpec) -> dict[str, Any]:
     return dict(json.loads((spec.layout.report / "report.json").read_text()))
 
 
+def adapter_folder(volumes: Volumes, adapter: str) -> Path:
+    """An adapter entry's folder: a relative entry is on the inference volume."""
+    return (volumes.inference / adapter).resolve()
+
+
 def adapter_paths(config: MoleConfig, volumes: Volumes) -> dict[str, Path]:
     """Every registered expert's adapter folder (relative paths are on the inference volume)."""
     return {
-        name: (volumes.inference / entry.adapter).resolve()
+        name: adapter_folder(volumes, entry.adapter)
         for name, entry in sorted(config.loras.experts.items())
     }
 

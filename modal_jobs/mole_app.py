@@ -42,6 +42,7 @@ TRAIN = RESOURCES["train_router"]
 EXPERTS = RESOURCES["train_experts"]
 EVALUATE = RESOURCES["evaluate_router"]
 DEPLOY = RESOURCES["deploy_router"]
+SERVE = RESOURCES["serve"]
 # Multi-GPU training commits the data volume this often (the torchrun workers cannot call back).
 COMMIT_EVERY_S = 60
 
@@ -107,6 +108,9 @@ gpu_image = (
     .add_local_python_source("modal_jobs")
 )
 IMAGES = {"cpu": cpu_image, "gpu": gpu_image}
+# The serving containers import this file again too: the registry check interval travels in
+# their image, as the training GPU does.
+serve_image = gpu_image.env({compute.WEB_RELOAD_ENV: str(compute.web_reload_s())})
 
 # --- volumes and secrets -----------------------------------------------------------------------
 data_volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True)
@@ -335,6 +339,43 @@ def deploy_router(spec: dict[str, Any] | None, rollback: bool = False) -> dict[s
         outcome = deploy.run(StageSpec.model_validate(spec)).to_json()
     _commit(inference_volume)
     return outcome
+
+
+# --- serving: the same ASGI app as `mole serve`, on a GPU -------------------------------------
+@app.cls(
+    image=serve_image,
+    gpu=gpu(SERVE),
+    cpu=SERVE.cpu,
+    memory=SERVE.memory_mib,
+    timeout=SERVE.timeout_s,
+    volumes=volumes(SERVE),
+    secrets=secrets(SERVE),
+    scaledown_window=15 * compute.MINUTE,
+)
+@modal.concurrent(max_inputs=compute.SERVE_CONCURRENT_INPUTS)
+class Server:
+    """`POST /route`, `POST /infer`, `GET /health`, `GET /metrics` of the deployed router.
+
+    `modal deploy modal_jobs/mole_app.py` prints the endpoint's URL. Each container loads the
+    stack once (`load`), then checks the registry every `MOLE_MODAL_RELOAD_S` seconds, reloading
+    the inference volume first so that it sees the deploy function's commits, and swaps in a
+    newly deployed (or rolled back) router without a restart.
+    """
+
+    @modal.enter()
+    def load(self) -> None:
+        """Load the base model, the current router and its experts from the volumes."""
+        from modal_jobs.serving.live import Deployment, Live
+
+        deployment = Deployment(Volumes.modal(), before_check=inference_volume.reload)
+        self.live = Live.deployed(deployment, compute.web_reload_s())
+
+    @modal.asgi_app()
+    def web(self) -> Any:
+        """The ASGI app Modal serves (`modal_jobs/serving/app.py`)."""
+        from modal_jobs.serving.app import create_app
+
+        return create_app(self.live)
 
 
 # --- entrypoints: `modal run modal_jobs/mole_app.py::<name> [--spec spec.json]` -----------------

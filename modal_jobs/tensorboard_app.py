@@ -18,13 +18,14 @@ from modal_jobs.layout import DATA_VOLUME, Volumes
 from modal_jobs.mole_app import cpu_image
 
 # This file imports `modal_jobs` (and so pydantic, yaml): the board runs on the stages' CPU
-# image, which has those packages, tensorboard and the project source.
-image = cpu_image
+# image, which has those packages, tensorboard and the project source. Training containers
+# commit event files as they go; a running board reloads the volume and rescans this often (the
+# container imports this file again: the interval travels in the image).
+RELOAD_EVERY_S = compute.web_reload_s()
+image = cpu_image.env({compute.WEB_RELOAD_ENV: str(RELOAD_EVERY_S)})
 data_volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True)
 RUNS = Volumes.modal().runs  # each run's events: runs/<run>/tensorboard/
 BOARD = compute.functions()["tensorboard"]
-# Training containers commit event files as they go; a running board picks them up this often.
-RELOAD_EVERY_S = 60
 
 app = modal.App(f"{compute.APP_NAME}-tensorboard")
 
@@ -53,9 +54,10 @@ def tensorboard() -> Any:
     from tensorboard import program
     from tensorboard.backend import application
 
-    threading.Thread(target=_reload_periodically, daemon=True).start()
+    if RELOAD_EVERY_S > 0:  # 0: the runs committed before the board started, loaded once
+        threading.Thread(target=_reload_periodically, daemon=True).start()
     board = program.TensorBoard()
-    board.configure(logdir=str(RUNS), reload_interval=30)
+    board.configure(logdir=str(RUNS), reload_interval=RELOAD_EVERY_S)
     provider, multiplexer = board._make_data_provider()  # what `tensorboard --logdir` serves
     return application.TensorBoardWSGIApp(
         board.flags, board.plugin_loaders, provider, board.assets_zip_provider, multiplexer

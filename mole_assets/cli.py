@@ -64,8 +64,14 @@ def ensure_run(inst: dg.DagsterInstance, name: str) -> None:
         print(f"added run {name}")
 
 
-def materialize(name: str, selection: Any, mode: str | None = None) -> dg.ExecuteInProcessResult:
-    """Materialize `selection` for the run partition `name` against the instance."""
+def materialize(
+    name: str, selection: Any, mode: str | None = None, train: dict[str, Any] | None = None
+) -> dg.ExecuteInProcessResult:
+    """Materialize `selection` for the run partition `name` against the instance.
+
+    `mode` is the training mode (`router_checkpoint`'s, and test mode for `expert_adapters`);
+    `train` adds other `router_checkpoint` config fields (e.g. `checkpoint_every`).
+    """
     import dagster as dg
 
     from mole_assets.assets import router_assets
@@ -82,8 +88,8 @@ def materialize(name: str, selection: Any, mode: str | None = None) -> dg.Execut
     selected = dg.AssetSelection.from_coercible(selection).resolve(defs.resolve_asset_graph())
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     ops: dict[str, Any] = {}
-    if mode and dg.AssetKey("router_checkpoint") in selected:
-        ops["router_checkpoint"] = {"config": {"mode": mode}}
+    if (mode or train) and dg.AssetKey("router_checkpoint") in selected:
+        ops["router_checkpoint"] = {"config": {**({"mode": mode} if mode else {}), **(train or {})}}
     if mode and dg.AssetKey("expert_adapters") in selected:
         # The demo experts have no 20-step variant: `--fast` and `--test` both train a handful.
         ops["expert_adapters"] = {"config": {"mode": "test"}}
@@ -202,7 +208,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def _stack() -> Any:
     from modal_jobs.serving.inference import Stack
 
-    return Stack.deployed(load_config(), Volumes.local())
+    return Stack.deployed(Volumes.local(), load_config())
 
 
 def _read_image(path: str) -> Any:
@@ -250,6 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from modal_jobs.serving.app import create_app
+    from modal_jobs.serving.live import Deployment, Live
     from modal_jobs.serving.serve import ServeOptions
 
     try:
@@ -257,7 +264,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"mole serve: {exc}") from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    app = create_app(_stack(), options)
+    deployment = Deployment(Volumes.local(), load_config())
+    app = create_app(Live.deployed(deployment, args.reload_every), options)
     # Bound here so that the port (0: any free one) is known before uvicorn starts.
     sock = socket.create_server((args.host, args.port))
     endpoints = "POST /route, POST /infer, GET /health, GET /metrics"
@@ -268,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _inference_commands(sub: Any) -> None:
-    from modal_jobs.serving.serve import ServeOptions
+    from modal_jobs.serving.serve import RELOAD_EVERY_S, ServeOptions
 
     route = sub.add_parser("route", help="route a screenshot with the deployed router")
     route.add_argument("image")
@@ -297,6 +305,13 @@ def _inference_commands(sub: Any) -> None:
         "--no-feature-reuse",
         action="store_true",
         help="run the vision tower again for the answer (the unoptimised baseline)",
+    )
+    serve.add_argument(
+        "--reload-every",
+        type=float,
+        default=RELOAD_EVERY_S,
+        metavar="SECONDS",
+        help="how often to check for a newly deployed router and swap it in (0: never)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     from mole_assets.cli import materialize
 
     with stdout_to_stderr():
-        result = materialize(RUN, list(ASSETS), mode="test")
+        # Resume points inside the 8 test-mode steps: each commits the data volume mid-training.
+        result = materialize(RUN, list(ASSETS), mode="test", train={"checkpoint_every": 3})
     line = summary(root.resolve(), args.backend, result)
     if args.details:
         args.details.write_text(json.dumps(details(result)))

@@ -35,9 +35,13 @@ from . import modal_emulated
 from .conftest import REPO, MakeConfig, copy_experts, write_config
 from .modal_emulator import Cloud, unavailable
 from .modal_emulator.cli import client_methods, load_app
+from .modal_emulator.cloud import Declared
 from .modal_emulator.image import ImageDefinition
+from .test_serve import _call, _metrics
 
 NO_CONTAINERS = unavailable()
+# Rows of the resource table that are web endpoints, not `@app.function`s of the stages.
+WEB_ENDPOINTS = {"tensorboard", "serve"}
 # The first test that uses `graphs` runs the whole graph twice (emulated Modal, local); on a
 # loaded machine that outlasts the suite's per-test timeout.
 on_the_graphs = pytest.mark.timeout(3600)
@@ -80,7 +84,7 @@ def _load_app(monkeypatch: pytest.MonkeyPatch, gpu: str) -> tuple[Any, dict[str,
 def test_modal_functions_match_resource_table(monkeypatch: pytest.MonkeyPatch, gpu: str) -> None:
     app, recorded = _load_app(monkeypatch, gpu)
     table = compute.functions()
-    assert set(recorded) == set(table) - {"tensorboard"}
+    assert set(recorded) == set(table) - WEB_ENDPOINTS
     for name, kwargs in recorded.items():
         spec = table[name]
         function = getattr(app, name)
@@ -311,6 +315,41 @@ def test_tensorboard_app_imports_and_serves_in_an_emulated_container(
         assert json.loads(response.read())["data_location"] == "/vol/moe-lora-data/runs"
 
 
+@needs_containers
+def test_tensorboard_app_shows_a_run_committed_after_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    import urllib.request
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setenv(compute.WEB_RELOAD_ENV, "1")
+    restore_app_decorators(monkeypatch)
+    monkeypatch.syspath_prepend(str(REPO))
+    _, declared = load_app(str(REPO / compute.TENSORBOARD_APP_FILE))
+    emulated = Cloud(tmp_path / "cloud")
+
+    def runs(url: str) -> list[str]:
+        with urllib.request.urlopen(f"{url}/data/runs", timeout=30) as response:
+            return list(json.loads(response.read()))
+
+    with emulated.serve(declared["tensorboard"]) as url:
+        assert runs(url) == []
+        with SummaryWriter(str(tmp_path / "events")) as writer:
+            writer.add_scalar("train/loss", 1.0, 1)
+        (events,) = (tmp_path / "events").iterdir()
+        # A training container's commit, as far as the board can tell: the volume changes
+        # under it, and it sees the change only once it reloads.
+        emulated.store.apply_upload(
+            DATA_VOLUME, {f"runs/later/tensorboard/{events.name}": events.read_bytes()}, False
+        )
+        deadline = time.monotonic() + 120
+        while runs(url) != ["later/tensorboard"]:
+            assert time.monotonic() < deadline, "the board never showed the new run"
+            time.sleep(0.5)
+
+
 # --- the whole graph on the emulated cloud, and on the local backend ------------------------
 
 
@@ -386,7 +425,23 @@ def test_modal_emulated_prints_one_json_line_with_every_asset_ok(graphs: dict[st
     assert line["registry_current"].startswith("emulated-")
     # Every stage ran in containers, expert adapters and evaluation included.
     started = {s["function"] for s in graphs["modal"].cloud.starts()}
-    assert started == set(compute.functions()) - {"tensorboard"}
+    assert started == set(compute.functions()) - WEB_ENDPOINTS
+
+
+@on_the_graphs
+def test_modal_training_committed_mid_run_and_tensorboard_kept_every_step(
+    graphs: dict[str, Graph],
+) -> None:
+    """The graph trains with resume points at steps 3 and 6: each commits the data volume while
+    training goes on, which the emulated volume (as Modal's) refuses while an event file is open."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = graphs["modal"].data("modal") / "runs" / "emulated" / "tensorboard"
+    assert len(list(board.glob("events.out.tfevents.*"))) == 3  # one per stretch of steps
+    events = EventAccumulator(str(board))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert len(graphs["modal"].cloud.starts("train_router")) == 1  # no retry was needed
 
 
 @on_the_graphs
@@ -564,6 +619,104 @@ def test_two_concurrent_deploys_both_kept_and_rollback_on_emulated_modal(
     assert main(["deploy", "--rollback"]) == 0  # `mole deploy --rollback`, on Modal
     current = json.loads(registry_file.read_text())["current"]
     assert current.startswith(f"{before_last}-") and not current.startswith(f"{last}-")
+
+
+# --- serving: the Modal class mounts the same ASGI app as `mole serve` -------------------------
+
+
+def _serving_class(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Declared]:
+    """The app file imported as `modal run` does, and its serving class's declaration."""
+    restore_app_decorators(monkeypatch)
+    monkeypatch.syspath_prepend(str(REPO))
+    app, declared = load_app(str(REPO / compute.APP_FILE))
+    return app, declared["Server"]
+
+
+def test_serving_class_is_declared_from_the_resource_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(compute.WEB_RELOAD_ENV, "7")
+    mole_app, server = _serving_class(monkeypatch)
+    row, options = compute.functions()["serve"], server.options
+    assert options["gpu"] == str(row.gpu) and row.gpu is not None
+    assert (options["cpu"], options["memory"], options["timeout"]) == (
+        row.cpu,
+        row.memory_mib,
+        row.timeout_s,
+    )
+    assert server.volumes() == {
+        "/vol/moe-lora-hf-cache": HF_CACHE_VOLUME,
+        "/vol/moe-lora-inference": INFERENCE_VOLUME,
+    }
+    assert [s.name for s in options["secrets"]] == list(row.secrets)
+    assert "retries" not in options  # Modal refuses retries on web endpoints
+    image, gpu = ImageDefinition.of(options["image"]), ImageDefinition.of(mole_app.gpu_image)
+    assert image.commands[: len(gpu.commands)] == gpu.commands  # the GPU image, one layer more
+    assert image.env()[compute.WEB_RELOAD_ENV] == "7.0"  # travels to the container
+
+
+@needs_containers
+@on_the_graphs
+def test_serving_class_on_emulated_modal_answers_and_swaps_in_a_newer_router(
+    graphs: dict[str, Graph], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+    import time
+
+    import pandas as pd
+
+    from modal_jobs.artifacts import read_split
+
+    emulated, root = graphs["modal"].cloud, graphs["modal"].root
+    monkeypatch.setenv(compute.WEB_RELOAD_ENV, "1")
+    _, server = _serving_class(monkeypatch)
+    runs = emulated.volume(DATA_VOLUME) / "runs"
+    dataset = runs / "emulated" / "routing_dataset"
+    registry_file = emulated.volume(INFERENCE_VOLUME) / "registry.json"
+    serving = json.loads(registry_file.read_text())["current"]
+    sample = read_split(dataset, "eval")[0]
+    frame = pd.read_csv(runs / "emulated" / "eval_report" / "predictions.csv")
+    (expected,) = frame[
+        (frame["id"] == sample["id"]) & (frame["condition"] == "instruction")
+    ].itertuples()
+    image = base64.b64encode((dataset / sample["image"]).read_bytes()).decode()
+    body = json.dumps({"image": image, "prompt": sample["instruction"]}).encode()
+    with emulated.serve(server, startup_s=600) as url:
+        assert _call(url, "GET", "/health")[1]["router"] == serving
+        status, route = _call(url, "POST", "/route", body)
+        assert status == 200, route
+        # The eval stage scored the same screenshot and instruction in its own batches.
+        assert route["expert"] == expected.routed
+        assert route["probabilities"] == pytest.approx(json.loads(expected.probabilities), abs=2e-3)
+        assert route["abstained"] == bool(expected.abstained)
+        status, answer = _call(url, "POST", "/infer", body)
+        assert status == 200 and answer["route"]["expert"] == route["expert"], answer
+        assert isinstance(answer["answer"], str)
+        assert _call(url, "POST", "/route", b"{not json")[0] == 400
+        # Another run is deployed by the deploy function, in its own container.
+        shutil.copytree(runs / "emulated", runs / "served-next")
+        spec = StageSpec(
+            run="served-next", config=load_config(root / "config"), volumes=Volumes.local(tmp_path)
+        )
+        (tmp_path / "spec.json").write_text(spec.model_dump_json())
+        env = {**os.environ, "PATH": f"{emulated.shim()}{os.pathsep}{os.environ['PATH']}"}
+        deploy = subprocess.run(
+            ["modal", "run", f"{compute.APP_FILE}::deploy", "--spec", str(tmp_path / "spec.json")],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert deploy.returncode == 0, deploy.stderr[-3000:]
+        newer = json.loads(registry_file.read_text())["current"]
+        assert newer.startswith("served-next-") and newer != serving
+        deadline = time.monotonic() + 300
+        while _call(url, "GET", "/health")[1]["router"] != newer:
+            assert time.monotonic() < deadline, "the server never swapped in the newer router"
+            time.sleep(0.5)
+        status, again = _call(url, "POST", "/route", body)
+        assert status == 200 and again["expert"] == route["expert"]  # same weights, new folder
+        metrics = _metrics(url)
+        assert (metrics["mole_router_swaps"], metrics["mole_router_load_failures"]) == (1.0, 0.0)
 
 
 # --- training commits each resume point ---------------------------------------------------------

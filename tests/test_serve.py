@@ -125,7 +125,7 @@ def test_infer_runs_the_routed_expert_adapter(deployed: Deployed) -> None:
     expected = None if route["abstained"] else "calendar"
     assert answer["adapter"] == route["adapter"] == expected
     # The same answer comes out when that adapter is activated by hand: it is the one that ran.
-    stack = Stack.deployed(load_config(deployed.config_dir), deployed.volumes)
+    stack = Stack.deployed(deployed.volumes, load_config(deployed.config_dir))
     with Image.open(screen) as image:
         rgb = image.convert("RGB")
     from modal_jobs.ml.batching import encode
@@ -313,7 +313,7 @@ def _requests(stack: Stack, deployed: Deployed) -> tuple[list[Prepared], list[tu
 
 @pytest.fixture(scope="module")
 def stack(deployed: Deployed) -> Stack:
-    return Stack.deployed(load_config(deployed.config_dir), deployed.volumes)
+    return Stack.deployed(deployed.volumes, load_config(deployed.config_dir))
 
 
 @contextmanager
@@ -376,7 +376,7 @@ def test_batcher_gathers_queued_requests_into_one_forward(stack: Stack, deployed
 
     async def serve(options: ServeOptions) -> list[tuple[str, int]]:
         sizes: list[tuple[str, int]] = []
-        batcher = Batcher(stack, options, lambda kind, size: sizes.append((kind, size)))
+        batcher = Batcher(options, lambda kind, size: sizes.append((kind, size)))
         await batcher.start()
         try:
             results = await asyncio.gather(*(batcher.submit(r) for r in requests))
@@ -433,3 +433,35 @@ def test_http_concurrent_requests_and_metrics(server: str, deployed: Deployed) -
     # Seven /infer requests went through some number of routing forwards (batched or not).
     assert delta('mole_batch_size_sum{kind="route"}') == 7
     assert 1 <= delta('mole_batch_size_count{kind="route"}') <= 7
+
+
+def test_live_swaps_in_a_new_deployment_and_serves_on_through_a_broken_one(
+    deployed: Deployed,
+) -> None:
+    import shutil
+
+    from modal_jobs.atomic import write_json
+    from modal_jobs.serving.live import Deployment, Live
+    from modal_jobs.serving.registry import read_registry
+
+    volumes = deployed.volumes
+    saved = read_registry(volumes)
+    live = Live.deployed(Deployment(volumes, load_config(deployed.config_dir)), 0)
+    serving = live.version
+    assert serving == saved["current"] and not live.check()  # nothing new
+    try:
+        # A deployment whose folder cannot be loaded (no router.json): the old router stays.
+        (volumes.routers / "broken-000").mkdir()
+        write_json(volumes.registry, {**saved, "current": "broken-000"})
+        assert not live.check() and (live.version, live.failures, live.swaps) == (serving, 1, 0)
+        assert not live.check() and live.failures == 1  # not retried until the registry moves
+        # A loadable one: swapped in; the stack before it is left to requests still on it.
+        before = live.stack
+        shutil.copytree(volumes.routers / serving, volumes.routers / "again-111")
+        write_json(volumes.registry, {**saved, "current": "again-111"})
+        assert live.check() and (live.version, live.swaps) == ("again-111", 1)
+        assert live.stack is not before and before.router.folder.name == serving
+    finally:
+        write_json(volumes.registry, saved)
+        for name in ("broken-000", "again-111"):
+            shutil.rmtree(volumes.routers / name, ignore_errors=True)

@@ -26,6 +26,13 @@ DEFAULT_GPU = "H100"
 # `MOLE_TRAIN_PROCS`: training processes on the local backend (default 1). Above 1 the stage runs
 # under `torchrun`, one process per GPU (NCCL) or, without CUDA, gloo processes on the CPU.
 TRAIN_PROCS_ENV = "MOLE_TRAIN_PROCS"
+# `MOLE_MODAL_RELOAD_S`: how often Modal's long-running web containers reload their volume (the
+# serving class, for a newly deployed router; TensorBoard, for new runs). Read at import like
+# `MOLE_MODAL_GPU` and carried in their images' environment.
+WEB_RELOAD_ENV = "MOLE_MODAL_RELOAD_S"
+# Requests one serving container takes at once (`@modal.concurrent`): enough to fill batches
+# of `ServeOptions.max_batch` while the previous batch runs; more start another container.
+SERVE_CONCURRENT_INPUTS = 32
 # The Modal Secret holding `HF_TOKEN` (create it with `modal secret create huggingface HF_TOKEN=…`).
 HF_SECRET = "huggingface"
 APP_NAME = "mole"
@@ -86,6 +93,22 @@ def train_procs() -> int:
             f"{TRAIN_PROCS_ENV}={value!r} is not a process count; fix: set a whole number >= 1"
         )
     return int(value)
+
+
+def web_reload_s() -> float:
+    """The web containers' volume reload interval from `MOLE_MODAL_RELOAD_S` (default 30 s)."""
+    from modal_jobs.serving.serve import RELOAD_EVERY_S
+
+    value = os.environ.get(WEB_RELOAD_ENV, str(RELOAD_EVERY_S)).strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise ConfigError(
+            f"{WEB_RELOAD_ENV}={value!r} is not a number of seconds; fix: set e.g. 30 (0: never)"
+        )
+    return seconds
 
 
 def stage_command(module: str, procs: int = 1) -> list[str]:
@@ -174,6 +197,19 @@ def functions(gpu: Gpu | None = None) -> dict[str, FunctionResources]:
         ),
         # Web endpoints take no retries (Modal refuses them); a failed request is simply retried.
         FunctionResources("tensorboard", "cpu", None, 1, 2048, 1 * HOUR, 0, (DATA_VOLUME,)),
+        # The serving class (`Server`): the deployed router and its experts on one GPU; the
+        # timeout bounds one request.
+        FunctionResources(
+            "serve",
+            "gpu",
+            eval_gpu,
+            4,
+            32768,
+            10 * MINUTE,
+            0,
+            (HF_CACHE_VOLUME, INFERENCE_VOLUME),
+            hf,
+        ),
     ]
     return {resources.name: resources for resources in table}
 

@@ -1,7 +1,9 @@
 """The serving ASGI app: `/health`, `/route`, `/infer` and `/metrics` over one loaded `Stack`.
 
-`create_app(stack, options)` builds it with no module-level state, so `mole serve` (uvicorn) and
-a Modal web endpoint mount the same app. Bodies are read up to `MAX_BODY_BYTES`, validated by
+`create_app(live, options)` builds it with no module-level state, so `mole serve` (uvicorn) and
+the Modal serving class (`modal_jobs/mole_app.py` `Server`) mount the same app. `live` holds the
+stack and swaps in a newly deployed router (`modal_jobs/serving/live.py`); a plain `Stack` is
+served as it is. Bodies are read up to `MAX_BODY_BYTES`, validated by
 the pydantic models of `modal_jobs/serving/serve.py`, decoded and tokenized on worker threads,
 then batched (`modal_jobs/serving/batcher.py`). Client errors answer
 `{"error": ..., "status": ...}` with their 4xx status and change nothing.
@@ -27,6 +29,7 @@ from starlette.routing import Route as Endpoint
 from modal_jobs.serving.batched import Prepared, prepare
 from modal_jobs.serving.batcher import Batcher
 from modal_jobs.serving.inference import Answer, Stack
+from modal_jobs.serving.live import Live
 from modal_jobs.serving.metrics import ServeMetrics
 from modal_jobs.serving.serve import (
     DRAIN_LIMIT_BYTES,
@@ -40,12 +43,15 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(stack: Stack, options: ServeOptions | None = None) -> Starlette:
-    """The ASGI app serving `stack`, batching as `options` say (default: `ServeOptions()`)."""
+def create_app(served: Live | Stack, options: ServeOptions | None = None) -> Starlette:
+    """The ASGI app serving `served`, batching as `options` say (default: `ServeOptions()`)."""
+    live = served if isinstance(served, Live) else Live(served)
     metrics = ServeMetrics()
-    batcher = Batcher(stack, options or ServeOptions(), metrics.batch)
+    metrics.follow(lambda: live.swaps, lambda: live.failures)
+    batcher = Batcher(options or ServeOptions(), metrics.batch)
 
     async def health(request: Request) -> Response:
+        stack = live.stack
         return JSONResponse(
             {
                 "status": "ok",
@@ -63,7 +69,7 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Starlette:
         infer = request.url.path == "/infer"
         with batcher.arrival():
             body = await read_body(request)
-            prepared = await run_in_threadpool(_prepare, stack, body, infer)
+            prepared = await run_in_threadpool(_prepare, live.stack, body, infer)
         result = await batcher.submit(prepared)
         metrics.route(result.route if isinstance(result, Answer) else result)
         return JSONResponse(result.to_json())
@@ -76,9 +82,11 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await batcher.start()
+        live.start()
         try:
             yield
         finally:
+            await run_in_threadpool(live.stop)
             await batcher.stop()
 
     endpoints = [

@@ -39,11 +39,16 @@ BatchObserver = Callable[[str, int], None]
 
 @dataclass(frozen=True)
 class Prepared:
-    """One request, tokenized: the router's prompt and, for /infer, the expert's prompt."""
+    """One request, tokenized: the router's prompt and, for /infer, the expert's.
+
+    `stack` is the stack it was tokenized for: when a server swaps in a newer router
+    meanwhile, the request still runs on its own.
+    """
 
     route_item: Encoded
     answer_item: Encoded | None
     began: float
+    stack: Stack
 
 
 def prepare(stack: Stack, image: Image.Image, prompt: str, answer: bool) -> Prepared:
@@ -53,7 +58,7 @@ def prepare(stack: Stack, image: Image.Image, prompt: str, answer: bool) -> Prep
     pixels = resize_screen(image, info.bounds, resize_factor(processor))
     route_item = encode(processor, pixels, info.bounds, info.system_prompt, prompt, None)
     answer_item = encode(processor, pixels, info.bounds, None, prompt, None) if answer else None
-    return Prepared(route_item, answer_item, began)
+    return Prepared(route_item, answer_item, began, stack)
 
 
 def run_batch(

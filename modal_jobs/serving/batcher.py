@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from modal_jobs.serving.batched import BatchObserver, Prepared, run_batch
-from modal_jobs.serving.inference import Answer, Route, Stack
+from modal_jobs.serving.inference import Answer, Route
 from modal_jobs.serving.serve import ServeOptions
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,7 @@ class _Job:
 class Batcher:
     """Queues prepared requests and runs them in batches on one model thread."""
 
-    def __init__(self, stack: Stack, options: ServeOptions, observe: BatchObserver) -> None:
-        self.stack = stack
+    def __init__(self, options: ServeOptions, observe: BatchObserver) -> None:
         self.options = options
         self.observe = observe
         self.arriving = 0
@@ -83,7 +83,11 @@ class Batcher:
                 _settle(jobs, results)
 
     def _run(self, requests: list[Prepared]) -> list[Route | Answer]:
-        return run_batch(self.stack, requests, self.options.reuse_features, self.observe)
+        # Requests prepared before and after a router swap run on their own stacks.
+        results: list[Route | Answer] = []
+        for stack, group in itertools.groupby(requests, key=lambda r: r.stack):
+            results += run_batch(stack, list(group), self.options.reuse_features, self.observe)
+        return results
 
     async def _gather(self) -> list[_Job]:
         jobs = [await self._queue.get()]

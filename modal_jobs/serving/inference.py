@@ -24,7 +24,7 @@ import torch
 from peft import PeftModel
 from PIL import Image
 
-from modal_jobs.artifacts import require_adapters
+from modal_jobs.artifacts import adapter_folder, require_adapters
 from modal_jobs.config import ImageBounds, MoleConfig
 from modal_jobs.layout import Volumes
 from modal_jobs.ml.batching import Encoded, collate, encode
@@ -32,7 +32,7 @@ from modal_jobs.ml.calibration import softmax
 from modal_jobs.ml.labels import LabelMap
 from modal_jobs.ml.model import Runtime, load_base, load_processor
 from modal_jobs.ml.ood import Abstention, SlotFeatures, slot_features
-from modal_jobs.serving.registry import current_router
+from modal_jobs.serving.registry import DeployError, current_router
 
 # Adapter names inside the PeftModel; experts use their own names, which may not start with "_".
 ROUTER_ADAPTER = "_router"
@@ -51,6 +51,8 @@ class RouterInfo:
     temperature: float
     # None: a router without an out-of-distribution set to choose a threshold on never abstains.
     abstention: Abstention | None
+    # Expert → adapter entry as deployed (None: deployed before routers recorded them).
+    experts: dict[str, str] | None = None
 
     @classmethod
     def load(cls, folder: Path) -> RouterInfo:
@@ -64,7 +66,26 @@ class RouterInfo:
             bounds=ImageBounds(**data["image_bounds"]),
             temperature=float(data.get("temperature", 1.0)),
             abstention=Abstention.load(folder, data.get("ood")),
+            experts=data.get("experts"),
         )
+
+    def adapters(self, volumes: Volumes, config: MoleConfig | None) -> dict[str, Path]:
+        """The expert adapter folders to stack: those it was deployed with (else `config`'s)."""
+        if self.experts is None:
+            if config is None:
+                raise DeployError(
+                    f"{self.folder / 'router.json'}: names no expert adapters; fix: deploy the "
+                    "run again (`mole deploy RUN`)"
+                )
+            return require_adapters(config, volumes)
+        paths = {name: adapter_folder(volumes, entry) for name, entry in self.experts.items()}
+        for name, path in paths.items():
+            if not (path / "adapter_config.json").is_file():
+                raise DeployError(
+                    f"{self.folder / 'router.json'}: expert {name!r} adapter {path} does not "
+                    "exist; fix: materialize `expert_adapters`, then deploy again"
+                )
+        return paths
 
 
 @dataclass(frozen=True)
@@ -116,10 +137,10 @@ class Stack:
         self.lock = threading.Lock()
 
     @classmethod
-    def deployed(cls, config: MoleConfig, volumes: Volumes) -> Stack:
-        """The currently deployed router plus every expert registered in loras.json."""
+    def deployed(cls, volumes: Volumes, config: MoleConfig | None = None) -> Stack:
+        """The currently deployed router with the expert adapters it was deployed with."""
         router = RouterInfo.load(current_router(volumes))
-        return cls(router, require_adapters(config, volumes), Runtime.detect())
+        return cls(router, router.adapters(volumes, config), Runtime.detect())
 
     def route_features(self, items: Sequence[Encoded]) -> SlotFeatures:
         """The answer slot's label logits, label mass and hidden state, router adapter active."""

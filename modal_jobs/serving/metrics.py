@@ -1,12 +1,15 @@
 """Prometheus metrics of one serving app, in a registry of its own (no process-wide state).
 
 Requests and errors by endpoint and status, latency histograms by endpoint, routed experts,
-abstentions and batch sizes (routing forwards and answer batches), served by `GET /metrics`.
+abstentions, batch sizes (routing forwards and answer batches) and router swaps, served by
+`GET /metrics`.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from modal_jobs.serving.inference import Route
 
@@ -54,6 +57,19 @@ class ServeMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+
+    def follow(self, swaps: Callable[[], float], failures: Callable[[], float]) -> None:
+        """Expose the server's router swaps and failed router loads (read at each scrape)."""
+        Gauge(
+            "mole_router_swaps",
+            "Newly deployed routers swapped in since the server started.",
+            registry=self.registry,
+        ).set_function(swaps)
+        Gauge(
+            "mole_router_load_failures",
+            "Newly deployed routers that failed to load (the previous one kept serving).",
+            registry=self.registry,
+        ).set_function(failures)
 
     def answered(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request."""

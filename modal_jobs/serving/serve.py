@@ -25,6 +25,8 @@ DRAIN_LIMIT_BYTES = 4 * MAX_BODY_BYTES
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_PROMPT_CHARS = 4000
 IMAGE_FORMATS = ("PNG", "JPEG")
+# How often a running server checks the registry for a newly deployed router (seconds; 0: never).
+RELOAD_EVERY_S = 30.0
 
 
 class RequestError(MoleError):

@@ -72,6 +72,11 @@ def _write_version(spec: StageSpec, target: Path, report: dict[str, Any]) -> Non
                 "image_bounds": index["image_bounds"],
                 "temperature": report["calibration"]["temperature"],
                 "ood": abstention,
+                # The adapters it was deployed with, so that a server (or a rollback) needs no
+                # config: relative entries are on the inference volume.
+                "experts": {
+                    name: entry.adapter for name, entry in sorted(spec.config.loras.experts.items())
+                },
             },
         )
         # A file the abstention score reads (the prototypes) travels with router.json.

@@ -302,7 +302,7 @@ def train_loop(
     ranks = batches.ranks
     loss_fn = data_parallel(AnswerLoss(model), ranks, batches.device)
     cache = VisionCache(model) if cache_vision(model, batches, hyper, resumed.step) else None
-    writer = SummaryWriter(str(spec.layout.tensorboard)) if ranks.main else None
+    board = Board(spec.layout.tensorboard if ranks.main else None)
     stats = LoopStats(curve=list(resumed.curve))
     began = time.perf_counter()
     model.train()
@@ -315,15 +315,13 @@ def train_loop(
         stats.curve.append((done, loss))
         stats.tokens += tokens
         stats.positions += positions
-        if writer is not None:
-            writer.add_scalar("train/loss", loss, done)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+        board.scalars(done, {"train/loss": loss, "train/lr": float(scheduler.get_last_lr()[0])})
         if ranks.main and (done % spec.log_every == 0 or done == hyper.steps):
             log.info("step %d/%d loss %.4f", done, hyper.steps, loss)
         if done % spec.checkpoint_every == 0 and done < hyper.steps:
+            board.close()  # the hook may commit the volume the event file is on
             save_resume_point(spec, (done, stats.curve), model, schedule, ranks, on_resume_point)
-    if writer is not None:
-        writer.close()
+    board.close()
     stats.seconds = time.perf_counter() - began
     return stats
 
@@ -366,6 +364,35 @@ def train_step(
     loss = all_sum(total.detach().double(), ranks) / counts[0]
     _, tokens, positions = counts.tolist()
     return float(loss), int(tokens), int(positions)
+
+
+class Board:
+    """TensorBoard scalars (none when `folder` is None) in event files closed around commits.
+
+    On Modal a commit reloads the volume, and a reload fails while a file of the volume is open
+    (modal/volume.py `commit` → `_do_reload`): the writer is closed before each resume point's
+    hook and a new event file starts at the next step. TensorBoard reads every event file of a
+    folder as one run.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._writer: SummaryWriter | None = None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Log `values` (tag → value) at `step`."""
+        if self.folder is None:
+            return
+        if self._writer is None:
+            self._writer = SummaryWriter(str(self.folder))
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        """Flush and close the event file (the next `scalars` opens a new one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def save_resume_point(
