@@ -23,6 +23,7 @@ from typing import Any
 import dagster as dg
 import pytest
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from modal_jobs.config import ConfigError, load_config
 from modal_jobs.layout import Volumes
@@ -115,7 +116,13 @@ def test_two_ranks_match_one_process_and_only_rank_0_writes(
     assert not (writes / "rank-1.jsonl").exists()  # rank 1 wrote no resume point, no adapter
     layout = two.layout
     assert not layout.resume.exists()
-    assert len(list(layout.tensorboard.glob("events.out.tfevents.*"))) == 1
+    # One process wrote TensorBoard: a new event file after each of the 3 resume points, each
+    # step logged once (events.out.tfevents.<time>.<host>.<pid>.<n>).
+    events = sorted(layout.tensorboard.glob("events.out.tfevents.*"))
+    assert len(events) == 4 and len({e.name.split(".")[-2] for e in events}) == 1
+    board = EventAccumulator(str(layout.tensorboard))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == list(range(1, 9))
     assert not [p.name for p in layout.root.iterdir() if p.name.startswith(".")]
     summary = json.loads((checkpoint / "training_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 8
