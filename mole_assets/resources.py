@@ -18,6 +18,7 @@ from modal_jobs.launch.pipes import BAD_INPUT_EXTRA
 from modal_jobs.launch.table import STAGES
 from modal_jobs.layout import Volumes, mole_home
 from modal_jobs.stage import StageSpec
+from mole_assets.messages import WholeLineTempFileReader
 
 BACKENDS = ("local", "modal")
 
@@ -112,7 +113,9 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def modal_client(self) -> ModalClient:
         """The `dagster_modal` client (a Pipes subprocess client running `modal run`)."""
-        return ModalClient(project_directory=PROJECT_DIR)
+        client = ModalClient(project_directory=PROJECT_DIR)  # takes no message_reader argument
+        client.message_reader = WholeLineTempFileReader()
+        return client
 
     def launch(self, context: dg.AssetExecutionContext, spec: dict[str, Any]) -> Iterator[Any]:
         """Run the asset's stage under Pipes on the selected backend; yield the results.
@@ -131,7 +134,7 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
                     env=modal_env(env),
                 )
             else:
-                invocation = dg.PipesSubprocessClient().run(
+                invocation = dg.PipesSubprocessClient(message_reader=WholeLineTempFileReader()).run(
                     command=self.command(STAGES[asset].module),
                     context=context,
                     extras=extras,
