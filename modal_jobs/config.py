@@ -82,6 +82,24 @@ class OodSpec(_Strict):
     val_fraction: float = Field(0.5, gt=0, lt=1)
 
 
+class NegativeSpec(_Strict):
+    """Screens of no expert the router trains on (outlier exposure), answered with `label`.
+
+    `count` screens drawn into the train split (0, the default: none, and abstention rests on the
+    other scores of `modal_jobs/ml/ood.py`); `label` is the reserved word answered for them.
+    """
+
+    count: int = Field(0, ge=0)
+    label: str = "none"
+
+    @field_validator("label")
+    @classmethod
+    def _label_word(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("label must be a non-empty word")
+        return value
+
+
 class DatasetConfig(_Strict):
     """`config/dataset.yaml`: where expert data lives and how the routing dataset is built."""
 
@@ -93,6 +111,7 @@ class DatasetConfig(_Strict):
     system_prompt: str = "Answer with the name of the expert that should handle this screenshot."
     image: ImageBounds | None = None
     ood: OodSpec = OodSpec()
+    negatives: NegativeSpec = NegativeSpec()
 
     @field_validator("experts")
     @classmethod
@@ -100,6 +119,16 @@ class DatasetConfig(_Strict):
         if len(value) < 2:
             raise ValueError("a router needs at least two experts")
         return _plain_names(value, "expert name")
+
+    @model_validator(mode="after")
+    def _reserved_label(self) -> DatasetConfig:
+        taken = [e for e in self.experts if self.label_of(e) == self.negatives.label]
+        if taken and self.negatives.count:
+            raise ValueError(
+                f"negatives.label {self.negatives.label!r} is also the label of expert "
+                f"{taken[0]!r}; fix: give one of them another word"
+            )
+        return self
 
     def label_of(self, expert: str) -> str:
         """The word the router answers with for this expert (its name unless `label` is set)."""

@@ -32,6 +32,7 @@ from .modal_emulator import Cloud, unavailable
 
 RUN = "emulated"
 PER_EXPERT = 16
+NEGATIVES = 10
 ASSETS = (
     "routing_dataset",
     "tokenized_shards",
@@ -51,7 +52,9 @@ def prepare(
     if experts is None:
         experts = root / "experts"
         write_demo_data(experts, PER_EXPERT, seed=5)
-    config = write_config(root / "config", experts, PER_EXPERT, min_accuracy=0.0)
+    # With screens of none to train on, so the reserved answer's path runs on both backends.
+    negatives = {"negatives": {"count": NEGATIVES, "label": "none"}}
+    config = write_config(root / "config", experts, PER_EXPERT, min_accuracy=0.0, dataset=negatives)
     env = {
         "MOLE_HOME": str(root / "home"),
         "DAGSTER_HOME": str(root / "dagster"),

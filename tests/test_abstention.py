@@ -1,5 +1,6 @@
 """Abstention pieces on their own: AUROC, coverage thresholds, candidate scores, prototypes,
-the screens of no expert, prompt conditions and instruction dropout."""
+the screens of no expert (held out and trained on), the reserved label, prompt conditions and
+instruction dropout."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modal_jobs.config import ImageBounds
+from modal_jobs.config import DatasetConfig, ImageBounds
 from modal_jobs.demo_data import EXPERTS, render_sample, write_demo_data
+from modal_jobs.demo_data import negatives as negatives_module
+from modal_jobs.demo_data import ood as ood_module
+from modal_jobs.demo_data.negatives import NEGATIVE_KINDS, render_negative
 from modal_jobs.demo_data.ood import OOD_KINDS, render_ood
 from modal_jobs.ml.batching import encode
 from modal_jobs.ml.conditions import CONDITIONS, GENERIC_EVAL, GENERIC_TRAIN, eval_instruction
 from modal_jobs.ml.dropout import InstructionDropout, reprompt
+from modal_jobs.ml.labels import NO_EXPERT, LabelError, first_answer_token, label_map
 from modal_jobs.ml.metrics import auroc
 from modal_jobs.ml.model import load_processor
 from modal_jobs.ml.ood import (
@@ -70,6 +75,33 @@ def test_scores_match_their_definitions() -> None:
     assert scores["max_probability"] == pytest.approx(top)
     assert scores["label_mass"] is features.label_mass
     assert "prototype" not in scores
+
+
+def test_none_answer_is_the_log_odds_of_the_experts_against_the_reserved_token() -> None:
+    rng = np.random.default_rng(1)
+    logits, none = rng.normal(size=(9, 3)) * 4, rng.normal(size=9) * 4
+    features = SlotFeatures(logits, np.ones(9), np.zeros((9, 2)), [], none)
+    scores = ood_scores(features, 3.0, None)
+    # Softmax over the experts' tokens and the reserved one: P(any expert) / P(none), in logs.
+    full = np.exp(np.column_stack([logits, none]).astype(np.float64))
+    direct = np.log(full[:, :3].sum(axis=1) / full[:, 3])
+    assert scores["none_answer"] == pytest.approx(direct)
+    assert "none_answer" not in ood_scores(SlotFeatures(logits, none, none, []), 1.0, None)
+    both = SlotFeatures.concat([features.subset(np.arange(4)), features.subset(np.arange(4, 9))])
+    assert both.none is not None and (both.none == none).all()
+
+
+def test_prototypes_leave_out_screens_of_none() -> None:
+    rng = np.random.default_rng(3)
+    classes = np.repeat(np.arange(2), 20)
+    hidden = rng.normal(size=(40, 3)) + classes[:, None] * 4.0
+    extra = rng.normal(size=(15, 3)) * 30
+    with_none = Prototypes.fit(
+        np.concatenate([hidden, extra]), np.concatenate([classes, np.full(15, NO_EXPERT)]), 2
+    )
+    plain = Prototypes.fit(hidden, classes, 2)
+    assert with_none.means == pytest.approx(plain.means)
+    assert with_none.precision == pytest.approx(plain.precision)
 
 
 def test_prototypes_are_class_means_and_mahalanobis_to_the_nearest() -> None:
@@ -127,6 +159,56 @@ def test_screens_of_no_expert_render_deterministically(kind: str) -> None:
     assert 320 <= a.width <= 1280 and 240 <= a.height <= 800
 
 
+@pytest.mark.parametrize("kind", NEGATIVE_KINDS)
+def test_negative_screens_render_deterministically(kind: str) -> None:
+    a = render_negative(kind, random.Random(f"n:{kind}"))
+    b = render_negative(kind, random.Random(f"n:{kind}"))
+    c = render_negative(kind, random.Random(f"m:{kind}"))
+    assert a.tobytes() == b.tobytes() != c.tobytes() and a.mode == "RGB"
+    assert 320 <= a.width <= 1280 and 240 <= a.height <= 800
+
+
+def test_trained_negatives_share_no_drawing_code_with_the_held_out_screens() -> None:
+    """What the report calls out-of-distribution is drawn by code training never runs."""
+    assert not set(NEGATIVE_KINDS) & set(OOD_KINDS)
+    drawing = {n for n in vars(ood_module) if n.startswith("_") and callable(vars(ood_module)[n])}
+    assert drawing and not drawing & set(vars(negatives_module))
+
+
+def test_unknown_negative_kind_is_rejected() -> None:
+    with pytest.raises(ValueError, match="chart"):
+        render_negative("chart", random.Random(0))
+
+
+def _dataset(**negatives: object) -> DatasetConfig:
+    experts = {"calendar": {"count": 4}, "code_editor": {"count": 4, "label": "code"}}
+    return DatasetConfig.model_validate(
+        {"experts_dir": ".", "experts": experts, "negatives": negatives}
+    )
+
+
+def test_reserved_label_gets_its_own_first_token(tiny_processor: object) -> None:
+    labels = label_map(_dataset(count=5), tiny_processor)
+    assert labels.none_label == "none"
+    assert labels.none_token_id == first_answer_token(tiny_processor, "none")
+    assert labels.scored_ids == (*labels.token_ids, labels.none_token_id)
+    assert labels.label_of_class(NO_EXPERT) == "none" and labels.label_of_class(1) == "code"
+    assert label_map(_dataset(count=0), tiny_processor).none_token_id is None
+
+
+def test_reserved_label_that_clashes_with_an_expert_is_refused(tiny_processor: object) -> None:
+    with pytest.raises(ValueError, match="negatives.label 'code' is also the label of expert"):
+        _dataset(count=5, label="code")
+    # Another word with the expert's first token: "codex" starts as "code" does here.
+    clash = next(
+        w
+        for w in ("codex", "coder", "codes", "coded")
+        if first_answer_token(tiny_processor, w) == first_answer_token(tiny_processor, "code")
+    )
+    with pytest.raises(LabelError, match=f"negatives.label {clash!r} starts with the same token"):
+        label_map(_dataset(count=5, label=clash), tiny_processor)
+
+
 def test_unknown_ood_kind_is_rejected() -> None:
     with pytest.raises(ValueError, match="weather"):
         render_ood("weather", random.Random(0))
@@ -176,6 +258,13 @@ def test_instruction_dropout_swaps_the_configured_share(tiny_processor: object) 
     direct = encode(tiny_processor, sample.image, bounds, "sys", "", "terminal")
     assert (out.input_ids == direct.input_ids).all() and out.prompt_len == direct.prompt_len
     assert len(out.input_ids) < len(item.input_ids)
+    # A screen of none (class -1) is re-encoded with the reserved answer.
+    negative = InstructionDropout(tiny_processor, bounds, "sys", ["terminal"], 0.5, 1, "none")
+    out = negative.apply(step, [3], [item], np.array([NO_EXPERT]))[0]
+    direct = encode(tiny_processor, sample.image, bounds, "sys", "", "none")
+    assert (out.input_ids == direct.input_ids).all()
+    with pytest.raises(ValueError, match="screen of none"):
+        dropout.apply(step, [3], [item], np.array([NO_EXPERT]))
     kept = InstructionDropout(tiny_processor, bounds, "sys", ["terminal"], 0.0, seed=1)
     assert kept.apply(step, [3], [item], np.array([0]))[0] is item
     again = reprompt(tiny_processor, item, bounds, "sys", sample.instruction, "terminal")

@@ -371,9 +371,9 @@ class Graph:
         return Volumes.local(self.root / "home").data
 
 
-def _graph(root: Path, backend: str, models: Path, experts: Path) -> Graph:
-    details = root / "details.json"
-    done = subprocess.run(
+def _start_graph(root: Path, backend: str, models: Path, experts: Path) -> subprocess.Popen[str]:
+    """`python -m tests.modal_emulated` for `backend` under `root`, started, not waited for."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -385,24 +385,28 @@ def _graph(root: Path, backend: str, models: Path, experts: Path) -> Graph:
             "--models",
             str(models),
             "--details",
-            str(details),
+            str(root / "details.json"),
             "--experts",
             str(experts),
         ],
         cwd=REPO,
         env={k: v for k, v in os.environ.items() if not k.startswith(("MOLE_", "DAGSTER_"))},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=1800,
     )
-    assert done.returncode == 0, done.stderr[-6000:]
-    (line,) = done.stdout.splitlines()  # one JSON line, nothing else
-    return Graph(root, json.loads(line), json.loads(details.read_text()))
+
+
+def _graph(root: Path, process: subprocess.Popen[str]) -> Graph:
+    stdout, stderr = process.communicate(timeout=1800)
+    assert process.returncode == 0, stderr[-6000:]
+    (line,) = stdout.splitlines()  # one JSON line, nothing else
+    return Graph(root, json.loads(line), json.loads((root / "details.json").read_text()))
 
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory: pytest.TempPathFactory, tiny_base: str) -> dict[str, Graph]:
-    """`make modal-emulated`'s run, and the same graph on the local backend."""
+    """`make modal-emulated`'s run, and the same graph on the local backend, side by side."""
     if NO_CONTAINERS:
         pytest.skip(f"emulated Modal containers: {NO_CONTAINERS}")
     from modal_jobs.demo_data import write_demo_data
@@ -410,10 +414,15 @@ def graphs(tmp_path_factory: pytest.TempPathFactory, tiny_base: str) -> dict[str
     models = Path(tiny_base).parents[1]  # the session's HF cache volume, tiny base built
     experts = tmp_path_factory.mktemp("experts")  # one copy: the dataset records its paths
     write_demo_data(experts, modal_emulated.PER_EXPERT, seed=5)
-    return {
-        backend: _graph(tmp_path_factory.mktemp(backend), backend, models, experts)
-        for backend in ("modal", "local")
-    }
+    roots = {backend: tmp_path_factory.mktemp(backend) for backend in ("modal", "local")}
+    # Two processes at once: each waits on its own subprocesses much of the time.
+    started = {b: _start_graph(root, b, models, experts) for b, root in roots.items()}
+    try:
+        return {b: _graph(roots[b], process) for b, process in started.items()}
+    finally:
+        for process in started.values():
+            process.kill()
+            process.wait()
 
 
 @on_the_graphs
@@ -458,6 +467,28 @@ def test_modal_graph_reports_the_local_backends_metadata_and_checks(
         assert fields["compute_backend"][1] == "local", asset
         assert remote["metadata"][asset]["compute_backend"][1] == "modal", asset
     assert graphs["modal"].line["accuracy"] == graphs["local"].line["accuracy"]
+
+
+@on_the_graphs
+def test_screens_of_none_are_trained_on_and_the_reserved_answer_is_a_candidate(
+    graphs: dict[str, Graph],
+) -> None:
+    """The emulated graph trains with `negatives`: rows, label token, score and router.json."""
+    run = graphs["modal"].data("modal") / "runs" / modal_emulated.RUN
+    train = [json.loads(line) for line in (run / "routing_dataset" / "train.jsonl").open()]
+    negatives = [row for row in train if "expert" not in row]
+    assert len(negatives) == modal_emulated.NEGATIVES
+    assert {row["label"] for row in negatives} == {"none"}
+    index = json.loads((run / "tokenized_shards" / "index.json").read_text())
+    assert index["labels"]["none_label"] == "none"
+    assert index["labels"]["none_token_id"] not in index["labels"]["token_ids"]
+    report = json.loads((run / "eval_report" / "report.json").read_text())
+    assert "none_answer" in report["ood"]["candidates"]
+    inference = graphs["modal"].cloud.volume(INFERENCE_VOLUME)
+    current = json.loads((inference / "registry.json").read_text())["current"]
+    router = inference / "routers" / current
+    deployed = json.loads((router / "router.json").read_text())
+    assert deployed["labels"]["none_token_id"] == index["labels"]["none_token_id"]
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -45,6 +45,8 @@ class InstructionDropout:
     labels: Sequence[str]
     rate: float
     seed: int
+    # The answer of a screen of none (class -1); None: the split holds none.
+    none_label: str | None = None
 
     def instruction(self, step: int, sample: int) -> str | None:
         """The instruction sample `sample` gets at `step`: None keeps its own."""
@@ -64,6 +66,8 @@ class InstructionDropout:
             if instruction is None:
                 out.append(item)
                 continue
-            label = self.labels[int(cls)]
+            label = self.labels[int(cls)] if cls >= 0 else self.none_label
+            if label is None:
+                raise ValueError(f"sample {sample} is a screen of none but no label is reserved")
             out.append(reprompt(self.processor, item, self.bounds, self.system, instruction, label))
         return out

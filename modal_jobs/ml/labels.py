@@ -13,6 +13,9 @@ from modal_jobs.config import DatasetConfig
 from modal_jobs.errors import MoleError
 from modal_jobs.ml.batching import conversation
 
+# The class of a screen of none (a negative, or an out-of-distribution screen).
+NO_EXPERT = -1
+
 
 class LabelError(MoleError):
     """Two experts' labels start with the same token."""
@@ -25,6 +28,23 @@ class LabelMap:
     experts: tuple[str, ...]
     labels: tuple[str, ...]
     token_ids: tuple[int, ...]
+    # The reserved answer for screens of none and its first token (None: trained without).
+    none_label: str | None = None
+    none_token_id: int | None = None
+
+    @property
+    def scored_ids(self) -> tuple[int, ...]:
+        """The tokens read at the answer slot: the experts', then the reserved one if any."""
+        extra = () if self.none_token_id is None else (self.none_token_id,)
+        return (*self.token_ids, *extra)
+
+    def label_of_class(self, index: int) -> str:
+        """The answer of class `index` (`NO_EXPERT`: the reserved label)."""
+        if index >= 0:
+            return self.labels[index]
+        if self.none_label is None:
+            raise LabelError("a screen of none in a dataset built without negatives")
+        return self.none_label
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for index/report files."""
@@ -32,12 +52,20 @@ class LabelMap:
             "experts": list(self.experts),
             "labels": list(self.labels),
             "token_ids": list(self.token_ids),
+            "none_label": self.none_label,
+            "none_token_id": self.none_token_id,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LabelMap:
-        """Inverse of `to_json`."""
-        return cls(tuple(data["experts"]), tuple(data["labels"]), tuple(data["token_ids"]))
+        """Inverse of `to_json` (an index from before negatives has no reserved label)."""
+        return cls(
+            tuple(data["experts"]),
+            tuple(data["labels"]),
+            tuple(data["token_ids"]),
+            data.get("none_label"),
+            data.get("none_token_id"),
+        )
 
 
 def label_map(dataset: DatasetConfig, processor: Any) -> LabelMap:
@@ -57,7 +85,17 @@ def label_map(dataset: DatasetConfig, processor: Any) -> LabelMap:
             f"config/dataset.yaml: labels of {pairs} start with the same token, so one forward "
             "pass cannot tell them apart; fix: set a distinct `label:` for one of each pair"
         )
-    return LabelMap(experts, labels, token_ids)
+    if not dataset.negatives.count:
+        return LabelMap(experts, labels, token_ids)
+    none_label = dataset.negatives.label
+    none_id = first_answer_token(processor, none_label)
+    if none_id in token_ids:
+        taken = experts[token_ids.index(none_id)]
+        raise LabelError(
+            f"config/dataset.yaml: negatives.label {none_label!r} starts with the same token as "
+            f"the label of {taken!r}; fix: choose another `negatives.label` or expert `label:`"
+        )
+    return LabelMap(experts, labels, token_ids, none_label, none_id)
 
 
 def first_answer_token(processor: Any, label: str) -> int:

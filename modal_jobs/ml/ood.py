@@ -7,7 +7,9 @@ logits and the full-vocabulary softmax. Candidate scores (higher means "one of t
   the model saying "none of these");
 - `energy`: the log-sum-exp of the calibrated label logits (negative free energy);
 - `prototype`: minus the Mahalanobis distance of the hidden state to the nearest expert's mean
-  on the train split (one covariance shared by all experts, shrunk towards its diagonal).
+  on the train split (one covariance shared by all experts, shrunk towards its diagonal);
+- `none_answer`: when the router was trained on screens of none (dataset.yaml `negatives`), the
+  log-odds of the experts' label tokens together against the reserved answer's token.
 The eval stage measures all of them, picks the one that separates best on the validation part of
 the out-of-distribution set, and sets the threshold that keeps `coverage` of the in-distribution
 val screens; serving applies the same score and threshold (`Abstention`).
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,11 @@ from safetensors.numpy import load_file, save_file
 from modal_jobs.config import ImageBounds
 from modal_jobs.ml.batching import Encoded, collate
 from modal_jobs.ml.calibration import softmax
+from modal_jobs.ml.labels import NO_EXPERT, LabelMap
 from modal_jobs.ml.metrics import auroc
 from modal_jobs.ml.model import causal_lm
 
-SCORES = ("max_probability", "label_mass", "energy", "prototype")
+SCORES = ("max_probability", "label_mass", "energy", "prototype", "none_answer")
 PROTOTYPES_FILE = "ood_prototypes.safetensors"
 # Weight of the covariance's diagonal in the shrunk estimate: the hidden size of a real base
 # (2048+) exceeds the train split's sample count, so the raw covariance is singular.
@@ -40,25 +43,32 @@ SHRINKAGE = 0.1
 
 @dataclass(frozen=True)
 class SlotFeatures:
-    """Per sample at the answer slot: label logits, label mass, hidden state; seconds per batch."""
+    """Per sample at the answer slot: label logits, label mass, hidden state; seconds per batch.
+
+    `none`: the logit of the reserved answer for screens of none, when the router has one.
+    """
 
     logits: np.ndarray
     label_mass: np.ndarray
     hidden: np.ndarray
     batch_seconds: list[float]
+    none: np.ndarray | None = None
 
     def subset(self, keep: np.ndarray) -> SlotFeatures:
         """The rows at `keep` (a boolean mask or indices)."""
-        return SlotFeatures(self.logits[keep], self.label_mass[keep], self.hidden[keep], [])
+        none = None if self.none is None else self.none[keep]
+        return SlotFeatures(self.logits[keep], self.label_mass[keep], self.hidden[keep], [], none)
 
     @classmethod
     def concat(cls, parts: Sequence[SlotFeatures]) -> SlotFeatures:
         """Rows of `parts`, one after another."""
+        nones = [p.none for p in parts]
         return cls(
             np.concatenate([p.logits for p in parts]),
             np.concatenate([p.label_mass for p in parts]),
             np.concatenate([p.hidden for p in parts]),
             [s for p in parts for s in p.batch_seconds],
+            None if any(n is None for n in nones) else np.concatenate(nones),  # type: ignore[arg-type]
         )
 
 
@@ -68,45 +78,43 @@ def slot_features(
     processor: Any,
     items: Sequence[Encoded],
     bounds: ImageBounds,
-    token_ids: Sequence[int],
+    labels: LabelMap,
     batch_size: int = 32,
 ) -> SlotFeatures:
     """One forward a batch; the vocabulary head runs on the answer slot's row only."""
     lm = causal_lm(model)
     device = next(model.parameters()).device
-    label_ids = torch.tensor(list(token_ids), device=device)
-    logits, mass, hidden, seconds = [], [], [], []
+    parts = []
     for start in range(0, len(items), batch_size):
         group = list(items[start : start + batch_size])
         began = time.perf_counter()
         batch = {k: v.to(device) for k, v in collate(processor, group, bounds).items()}
         batch.pop("labels")
-        rows = slot_rows(model, batch, [i.prompt_len - 1 for i in group], label_ids)
-        logits.append(rows[0])
-        mass.append(rows[1])
-        hidden.append(rows[2])
-        seconds.append(time.perf_counter() - began)
-    k, width = len(token_ids), int(lm.config.text_config.hidden_size)
-    return SlotFeatures(
-        np.concatenate(logits) if logits else np.zeros((0, k)),
-        np.concatenate(mass) if mass else np.zeros(0),
-        np.concatenate(hidden) if hidden else np.zeros((0, width)),
-        seconds,
-    )
+        rows = slot_rows(model, batch, [i.prompt_len - 1 for i in group], labels)
+        parts.append(replace(rows, batch_seconds=[time.perf_counter() - began]))
+    if parts:
+        return SlotFeatures.concat(parts)
+    k, width = len(labels.token_ids), int(lm.config.text_config.hidden_size)
+    none = None if labels.none_token_id is None else np.zeros(0)
+    return SlotFeatures(np.zeros((0, k)), np.zeros(0), np.zeros((0, width)), [], none)
 
 
 def slot_rows(
-    model: Any, batch: dict[str, Any], slots: Sequence[int], label_ids: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label logits, label-token mass and hidden state at each row's slot of a ready batch."""
+    model: Any, batch: dict[str, Any], slots: Sequence[int], labels: LabelMap
+) -> SlotFeatures:
+    """Label logits, label-token mass, hidden state (and reserved logit) at each row's slot."""
     lm = causal_lm(model)
     states = lm.model(**batch, use_cache=False).last_hidden_state
     rows = states[torch.arange(len(slots), device=states.device), list(slots)]
     vocab = lm.lm_head(rows).float()
-    return (
+    label_ids = torch.tensor(list(labels.token_ids), device=vocab.device)
+    none = None if labels.none_token_id is None else vocab[:, labels.none_token_id].cpu().numpy()
+    return SlotFeatures(
         vocab[:, label_ids].cpu().numpy(),
         torch.softmax(vocab, dim=-1)[:, label_ids].sum(-1).cpu().numpy(),
         rows.float().cpu().numpy(),
+        [],
+        none,
     )
 
 
@@ -119,8 +127,12 @@ class Prototypes:
 
     @classmethod
     def fit(cls, hidden: np.ndarray, classes: np.ndarray, experts: int) -> Prototypes:
-        """Means per class and the pooled within-class covariance, shrunk, inverted."""
-        hidden = hidden.astype(np.float64)
+        """Means per class and the pooled within-class covariance, shrunk, inverted.
+
+        Rows of class `NO_EXPERT` (screens of none in the train split) are left out.
+        """
+        keep = classes != NO_EXPERT
+        hidden, classes = hidden[keep].astype(np.float64), classes[keep]
         means = np.stack([hidden[classes == k].mean(axis=0) for k in range(experts)])
         centred = hidden - means[classes]
         cov = centred.T @ centred / max(1, len(hidden) - experts)
@@ -160,6 +172,12 @@ def ood_scores(
     }
     if prototypes is not None:
         out["prototype"] = -prototypes.distance(features.hidden)
+    if features.none is not None:
+        # Log-odds of "one of the experts" against the reserved answer, raw logits (T = 1).
+        raw = features.logits
+        top = raw.max(axis=1) if len(raw) else np.zeros(0)
+        experts = top + np.log(np.exp(raw - top[:, None]).sum(axis=1))
+        out["none_answer"] = experts - features.none
     return out
 
 

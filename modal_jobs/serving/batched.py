@@ -109,10 +109,8 @@ def route_batch(
     with stack.lock, stack.adapter(ROUTER_ADAPTER):
         features = vision_features(stack.model, batch, device)
         inputs = with_features({k: v.to(device) for k, v in batch.items()}, features)
-        label_ids = torch.tensor(list(stack.router.labels.token_ids), device=device)
         slots = [item.prompt_len - 1 for item in items]
-        logits, mass, hidden = slot_rows(stack.model, inputs, slots, label_ids)
-    return SlotFeatures(logits, mass, hidden, []), features
+        return slot_rows(stack.model, inputs, slots, stack.router.labels), features
 
 
 @torch.inference_mode()

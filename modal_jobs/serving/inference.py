@@ -146,9 +146,7 @@ class Stack:
         """The answer slot's label logits, label mass and hidden state, router adapter active."""
         info = self.router
         with self.lock, self.adapter(ROUTER_ADAPTER):
-            return slot_features(
-                self.model, self.processor, items, info.bounds, info.labels.token_ids
-            )
+            return slot_features(self.model, self.processor, items, info.bounds, info.labels)
 
     def abstains(self, features: SlotFeatures) -> np.ndarray:
         """Per item: whether the router falls back to the bare base (a screen of no expert)."""

@@ -7,7 +7,9 @@ Output (written to a temporary folder, renamed into place whole): `{train,val,ev
 content-addressed `images/<sha256>.<ext>`, and `manifest.json` with source data versions,
 counts and hashes. Beside them, `ood_val.jsonl` and `ood_eval.jsonl`: screens of no expert drawn
 here from the dataset seed (modal_jobs/demo_data/ood.py), never trained on, for choosing and
-then judging when the router abstains.
+then judging when the router abstains. The train split also holds `negatives.count` screens of
+none drawn by other code (modal_jobs/demo_data/negatives.py), answered with the reserved
+`negatives.label`: rows without an `expert`, with `kind` and `label`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import random
 import shutil
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,12 @@ from PIL import Image
 
 from modal_jobs.artifacts import OOD_SPLITS, SPLITS, read_split
 from modal_jobs.atomic import atomic_dir, write_json
+from modal_jobs.config import DatasetConfig
+from modal_jobs.demo_data.negatives import NEGATIVE_KINDS, render_negative
 from modal_jobs.demo_data.ood import OOD_KINDS, render_ood
 from modal_jobs.errors import MoleError
 from modal_jobs.hashing import combine, expert_version, file_sha256
-from modal_jobs.ml.conditions import GENERIC_EVAL, pick
+from modal_jobs.ml.conditions import GENERIC_EVAL, GENERIC_TRAIN, pick
 from modal_jobs.stage import Check, StageResult, StageSpec, json_value, md, number, path_value
 
 MAX_IMAGE_PIXELS = 50_000_000
@@ -289,9 +294,10 @@ def _write(
         hashes: dict[str, str] = {}
         for split, records in splits.items():
             rows = [_row(staging, record, dataset.label_of(record.expert)) for record in records]
-            path = staging / f"{split}.jsonl"
-            path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-            hashes[split] = file_sha256(path)
+            if split == "train":
+                rows += negatives(staging, dataset, records)
+            _write_rows(staging / f"{split}.jsonl", rows)
+            hashes[split] = file_sha256(staging / f"{split}.jsonl")
         ood_counts = write_ood(staging, dataset.seed, dataset.ood.count, dataset.ood.val_fraction)
         hashes.update({s: file_sha256(staging / f"{s}.jsonl") for s in OOD_SPLITS})
         manifest = {
@@ -303,6 +309,7 @@ def _write(
                 s: dict(sorted(Counter(r.expert for r in splits[s]).items())) for s in SPLITS
             },
             "ood_counts": ood_counts,
+            "negatives": dataset.negatives.count,
             "labels": {name: dataset.label_of(name) for name in dataset.experts},
             "system_prompt": dataset.system_prompt,
             "config": dataset.model_dump(mode="json"),
@@ -321,29 +328,58 @@ def write_ood(staging: Path, seed: int, count: int, val_fraction: float) -> dict
     n_val = round(count * val_fraction)
     counts = {}
     for split, size in zip(OOD_SPLITS, (n_val, count - n_val), strict=True):
-        rows = []
-        for i in range(size):
-            kind = OOD_KINDS[i % len(OOD_KINDS)]
-            key = f"{seed}:{split}:{i}"
-            image = render_ood(kind, random.Random(key))
-            partial = staging / "images" / f".{split}-{i}.png"
-            image.save(partial, format="PNG", compress_level=3)
-            name = f"images/{file_sha256(partial)}.png"
-            partial.replace(staging / name)
-            instruction = pick(GENERIC_EVAL, key) if i % 2 else ""
-            rows.append(
-                {
-                    "id": f"{split}/{kind}-{i:04d}",
-                    "kind": kind,
-                    "image": name,
-                    "instruction": instruction,
-                }
-            )
-        (staging / f"{split}.jsonl").write_text(
-            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        )
+        rows = drawn(staging, split, seed, size, OOD_KINDS, render_ood)
+        for i, row in enumerate(rows):
+            row["instruction"] = pick(GENERIC_EVAL, f"{seed}:{split}:{i}") if i % 2 else ""
+        _write_rows(staging / f"{split}.jsonl", rows)
         counts[split] = size
     return counts
+
+
+def negatives(
+    staging: Path, dataset: DatasetConfig, train: Sequence[Record]
+) -> list[dict[str, Any]]:
+    """`negatives.count` train rows of screens of none (kinds in turn), answered with its label.
+
+    A third come with a generic training wording, a third with none and a third with an
+    instruction of a random expert sample: an app's words alone must not make a screen the app's.
+    """
+    seed, spec = dataset.seed, dataset.negatives
+    rows = drawn(staging, "negatives", seed, spec.count, NEGATIVE_KINDS, render_negative)
+    for i, row in enumerate(rows):
+        key = f"{seed}:negatives:{i}"
+        borrowed = random.Random(key).choice(train).instruction if train else ""
+        row["instruction"] = (pick(GENERIC_TRAIN, key), "", borrowed)[i % 3]
+        row["label"] = spec.label
+    return rows
+
+
+def drawn(
+    staging: Path,
+    part: str,
+    seed: int,
+    count: int,
+    kinds: Sequence[str],
+    render: Callable[[str, random.Random], Image.Image],
+) -> list[dict[str, Any]]:
+    """`count` generated screens saved content-addressed under `images/`, kinds in turn.
+
+    Screen `i` is a function of (seed, part, i) alone; rows have `id`, `kind` and `image`.
+    """
+    rows = []
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        image = render(kind, random.Random(f"{seed}:{part}:{i}"))
+        partial = staging / "images" / f".{part}-{i}.png"
+        image.save(partial, format="PNG", compress_level=3)
+        name = f"images/{file_sha256(partial)}.png"
+        partial.replace(staging / name)
+        rows.append({"id": f"{part}/{kind}-{i:04d}", "kind": kind, "image": name})
+    return rows
+
+
+def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def _row(staging: Path, record: Record, label: str) -> dict[str, Any]:
@@ -383,7 +419,7 @@ def _result(spec: StageSpec, manifest: dict[str, Any]) -> StageResult:
 def verify(root: Path, spec: StageSpec) -> list[Check]:
     """Asset checks on the written dataset: class balance, split leakage, decodable images."""
     rows = {split: read_split(root, split) for split in (*SPLITS, *OOD_SPLITS)}
-    train_counts = Counter(r["expert"] for r in rows["train"])
+    train_counts = Counter(r["expert"] for r in rows["train"] if "expert" in r)
     expected = set(spec.config.dataset.experts)
     low, high = min(train_counts.values(), default=0), max(train_counts.values(), default=0)
     balanced = set(train_counts) == expected and low > 0 and high <= 1.5 * low

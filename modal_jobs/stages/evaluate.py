@@ -171,9 +171,7 @@ def _conditioned(
 def _features(stack: Stack, items: Sequence[Encoded]) -> SlotFeatures:
     router = stack.router
     with stack.adapter(ROUTER_ADAPTER):
-        return slot_features(
-            stack.model, stack.processor, items, router.bounds, router.labels.token_ids
-        )
+        return slot_features(stack.model, stack.processor, items, router.bounds, router.labels)
 
 
 def _pooled(parts: dict[str, SlotFeatures]) -> SlotFeatures:

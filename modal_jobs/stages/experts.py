@@ -60,7 +60,7 @@ def run(spec: ExpertsSpec) -> StageResult:
         items = [
             _encode(processor, spec.layout.dataset, row, bounds)
             for row in rows
-            if row["expert"] == source
+            if row.get("expert") == source
         ]
         if not items:
             raise ExpertsError(

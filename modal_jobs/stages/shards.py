@@ -35,7 +35,7 @@ from modal_jobs.atomic import atomic_dir, write_json
 from modal_jobs.config import ConfigError, ImageBounds
 from modal_jobs.hashing import combine, file_sha256
 from modal_jobs.ml.batching import Encoded, encode, read_screen
-from modal_jobs.ml.labels import LabelMap, label_map
+from modal_jobs.ml.labels import NO_EXPERT, LabelMap, label_map
 from modal_jobs.ml.model import load_processor
 from modal_jobs.ml.presets import resolve_base
 from modal_jobs.ml.shard_files import pack
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 # The out-of-distribution screens are prompts only (no label, class -1): scored, never trained on.
 ALL_SPLITS = (*SPLITS, *OOD_SPLITS)
-NO_EXPERT = -1
 
 SHARD_SIZE = 512
 # Rows one local process encodes at a time: small enough to share a shard between processes.

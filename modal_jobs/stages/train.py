@@ -148,6 +148,7 @@ def run(spec: TrainSpec, on_resume_point: ResumePointHook = None) -> StageResult
             index["labels"]["labels"],
             spec.instruction_dropout,
             spec.seed,
+            index["labels"].get("none_label"),
         )
         batches = Batches(processor, train, bounds, order, ranks, runtime.device, dropout)
         loop = train_loop(
