@@ -42,10 +42,11 @@ from scripts.prod_check import edit_one_sample, settle
 from .conftest import copy_experts, write_config
 
 COUNT = 8  # samples per expert: the queue, pool and crash are the subject, not the model
-# Long enough to reach training on a busy 2-core machine, short so that monitoring gives up on
-# the dead run soon. The retry inherits the parent's tags; an operator's tag raises its limit
-# to one a whole run fits in.
-CRASH_MAX_RUNTIME = 120
+# The crashed run's limit is set once it has reached training (how long that takes depends on
+# the machine's load): this many seconds after that point, so monitoring gives up on the dead
+# run soon. The retry inherits the parent's tags; an operator's tag raises its limit to one a
+# whole run fits in.
+CRASH_MARGIN = 20
 RETRY_MAX_RUNTIME = 900
 MAX_RUNTIME = "dagster/max_runtime"
 PARTITION = "dagster/partition"
@@ -188,7 +189,7 @@ def test_crash_of_daemon_and_run_worker_is_resolved_by_monitoring_and_retried(
     deployment: Deployment,
 ) -> None:
     d = deployment
-    run_id = launch(d, "svc-crash", tags={MAX_RUNTIME: str(CRASH_MAX_RUNTIME)})
+    run_id = launch(d, "svc-crash", tags={MAX_RUNTIME: str(RETRY_MAX_RUNTIME)})
     instance = d.instance()
 
     def training_started() -> bool | None:
@@ -196,6 +197,10 @@ def test_crash_of_daemon_and_run_worker_is_resolved_by_monitoring_and_retried(
         return any(e.step_key == "router_checkpoint" for e in steps) or None
 
     eventually(training_started, "router_checkpoint starting")
+    record = instance.get_run_record_by_id(run_id)
+    assert record is not None and record.start_time is not None
+    limit = round(time.time() - record.start_time) + CRASH_MARGIN
+    instance.add_run_tags(run_id, {MAX_RUNTIME: str(limit)})
     # The daemon and the code server (whose child is the run worker) die like a lost machine.
     d.service.kill("daemon")
     d.service.kill("code-server")
@@ -205,12 +210,12 @@ def test_crash_of_daemon_and_run_worker_is_resolved_by_monitoring_and_retried(
     d.service.start("code-server")
     d.service.wait_for_code_server(180)
     d.service.start("daemon")
-    failed = finished(instance, run_id, timeout=CRASH_MAX_RUNTIME + 300)
+    failed = finished(instance, run_id, timeout=limit + 300)
     assert failed.status == dg.DagsterRunStatus.FAILURE
     # The reason is on the run: monitoring cancels it for its runtime, then (no worker answers)
     # marks it failed.
     said = [e.dagster_event.message or "" for e in instance.all_logs(run_id) if e.dagster_event]
-    reason = f"exceeding maximum runtime of {CRASH_MAX_RUNTIME} seconds"
+    reason = f"exceeding maximum runtime of {limit} seconds"
     assert any(reason in m for m in said), said[-5:]
 
     def retry() -> dg.DagsterRun | None:
