@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from modal_jobs.demo_data.draw import BLACK, WHITE, Ctx, jit, mix
-from modal_jobs.demo_data.screen import screen_size
+from modal_jobs.demo_data.screen import KindDrawer, render_kind, screen_ctx
 
 NEGATIVE_KINDS = ("lock_screen", "article", "pattern", "utility", "diagram")
 
@@ -61,26 +60,16 @@ def render_negative(kind: str, rng: random.Random) -> Image.Image:
     Raises:
         ValueError: If `kind` is not one of `NEGATIVE_KINDS`.
     """
-    draw_kind = _KINDS.get(kind)
-    if draw_kind is None:
-        raise ValueError(f"unknown negative kind {kind!r}; known: {NEGATIVE_KINDS}")
-    return draw_kind(rng)
+    return render_kind(_KINDS, kind, rng, "negative")
 
 
-def _ctx(img: Image.Image, rng: random.Random) -> Ctx:
-    w, h = img.size
-    fs = max(8, min(16, round(min(w / 75, h / 46) * rng.uniform(0.85, 1.15))))
-    return Ctx(ImageDraw.Draw(img), rng, fs)
-
-
-def _lock_screen(rng: random.Random) -> Image.Image:
-    w, h = screen_size(rng)
+def _lock_screen(rng: random.Random, w: int, h: int) -> Image.Image:
     img = Image.new("RGB", (w, h))
     d = ImageDraw.Draw(img)
     top, bottom = jit((128, 128, 128), rng, 127), jit((128, 128, 128), rng, 127)
     for row in range(0, h, 4):
         d.rectangle((0, row, w, row + 4), fill=mix(top, bottom, row / h))
-    ctx = _ctx(img, rng)
+    ctx = screen_ctx(img, rng)
     ink = WHITE if sum(top) < 384 else BLACK
     clock = f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
     ctx.text((w / 2, h * 0.3), clock, ink, rng.uniform(3, 6), anchor="mm", bold=True)
@@ -90,11 +79,10 @@ def _lock_screen(rng: random.Random) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
 
 
-def _article(rng: random.Random) -> Image.Image:
-    w, h = screen_size(rng)
+def _article(rng: random.Random, w: int, h: int) -> Image.Image:
     paper = jit(rng.choice((WHITE, (250, 246, 236), (236, 238, 242))), rng, 4)
     img = Image.new("RGB", (w, h), paper)
-    ctx = _ctx(img, rng)
+    ctx = screen_ctx(img, rng)
     d, s = ctx.draw, ctx.fs
     ink = BLACK if sum(paper) > 384 else (225, 225, 225)
     margin = w * rng.uniform(0.12, 0.3)
@@ -114,8 +102,7 @@ def _article(rng: random.Random) -> Image.Image:
     return img
 
 
-def _pattern(rng: random.Random) -> Image.Image:
-    w, h = screen_size(rng)
+def _pattern(rng: random.Random, w: int, h: int) -> Image.Image:
     a, b = jit((128, 128, 128), rng, 127), jit((128, 128, 128), rng, 127)
     y, x = np.mgrid[0:h, 0:w].astype(np.float64)
     style = rng.choice(("stripes", "checker", "rings", "gradient"))
@@ -138,11 +125,10 @@ def _pattern(rng: random.Random) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _utility(rng: random.Random) -> Image.Image:
-    w, h = screen_size(rng)
+def _utility(rng: random.Random, w: int, h: int) -> Image.Image:
     app = rng.choice((_calculator, _sign_in, _video, _weather))
     img = Image.new("RGB", (w, h), WHITE)
-    app(_ctx(img, rng), w, h)
+    app(screen_ctx(img, rng), w, h)
     return img
 
 
@@ -210,10 +196,9 @@ def _weather(ctx: Ctx, w: int, h: int) -> None:
         ctx.text((x, h * 0.8), f"{rng.randint(-5, 35)}°", WHITE, 1.2, anchor="mm")
 
 
-def _diagram(rng: random.Random) -> Image.Image:
-    w, h = screen_size(rng)
+def _diagram(rng: random.Random, w: int, h: int) -> Image.Image:
     img = Image.new("RGB", (w, h), jit(rng.choice((WHITE, (30, 34, 48), (250, 244, 230))), rng, 5))
-    ctx = _ctx(img, rng)
+    ctx = screen_ctx(img, rng)
     d, s = ctx.draw, ctx.fs
     ink = BLACK if sum(img.getpixel((0, 0))) > 384 else WHITE  # type: ignore[arg-type]
     ctx.text((w / 2, s * 2), rng.choice(_TITLES), ink, 1.8, anchor="mm", bold=True)
@@ -230,7 +215,7 @@ def _diagram(rng: random.Random) -> Image.Image:
     return img
 
 
-_KINDS: dict[str, Callable[[random.Random], Image.Image]] = {
+_KINDS: dict[str, KindDrawer] = {
     "lock_screen": _lock_screen,
     "article": _article,
     "pattern": _pattern,

@@ -10,13 +10,12 @@ router never trains on any.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from modal_jobs.demo_data.draw import BLACK, WHITE, Box, Color, Ctx, jit, mix
-from modal_jobs.demo_data.screen import screen_size
+from modal_jobs.demo_data.screen import KindDrawer, render_kind, screen_ctx
 
 OOD_KINDS = ("other_app", "photo", "chart", "blank", "noise", "mixed")
 
@@ -45,17 +44,12 @@ def render_ood(kind: str, rng: random.Random) -> Image.Image:
     Raises:
         ValueError: If `kind` is not one of `OOD_KINDS`.
     """
-    draw_kind = _KINDS.get(kind)
-    if draw_kind is None:
-        raise ValueError(f"unknown out-of-distribution kind {kind!r}; known: {OOD_KINDS}")
-    w, h = screen_size(rng)
-    return draw_kind(rng, w, h)
+    return render_kind(_KINDS, kind, rng, "out-of-distribution")
 
 
 def _canvas(rng: random.Random, w: int, h: int, fill: Color) -> tuple[Image.Image, Ctx]:
     img = Image.new("RGB", (w, h), fill)
-    fs = max(8, min(16, round(min(w / 75, h / 46) * rng.uniform(0.85, 1.15))))
-    return img, Ctx(ImageDraw.Draw(img), rng, fs)
+    return img, screen_ctx(img, rng)
 
 
 # --------------------------------------------------------------------------- other apps
@@ -268,7 +262,7 @@ def _panel_picture(ctx: Ctx, box: Box) -> None:
         ctx.draw.rectangle((x0, y, x1, y + 6), fill=mix(top, bottom, (y - y0) / max(1, y1 - y0)))
 
 
-_KINDS: dict[str, Callable[[random.Random, int, int], Image.Image]] = {
+_KINDS: dict[str, KindDrawer] = {
     "other_app": _other_app,
     "photo": _photo,
     "chart": _chart,

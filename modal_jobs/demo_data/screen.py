@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -82,6 +82,32 @@ def screen_size(rng: random.Random) -> tuple[int, int]:
     w = rng.randint(320, 1280)
     h = round(w / rng.choice(_ASPECTS))
     return w, min(800, max(240, h))
+
+
+def screen_ctx(img: Image.Image, rng: random.Random) -> Ctx:
+    """Drawing state for `img`, with a base font size fit for a screen its size (varied by rng)."""
+    w, h = img.size
+    fs = max(8, min(16, round(min(w / 75, h / 46) * rng.uniform(0.85, 1.15))))
+    return Ctx(ImageDraw.Draw(img), rng, fs)
+
+
+# Draws one screen of a kind at the given size (screens of no expert, held out or trained on).
+KindDrawer = Callable[[random.Random, int, int], Image.Image]
+
+
+def render_kind(
+    kinds: Mapping[str, KindDrawer], kind: str, rng: random.Random, what: str
+) -> Image.Image:
+    """`kinds[kind]`'s screen at a synthetic screenshot's size, RGB.
+
+    Raises:
+        ValueError: If `kind` is not in `kinds` (`what` names the family in the message).
+    """
+    draw_kind = kinds.get(kind)
+    if draw_kind is None:
+        raise ValueError(f"unknown {what} kind {kind!r}; known: {tuple(kinds)}")
+    w, h = screen_size(rng)
+    return draw_kind(rng, w, h)
 
 
 def _desktop(ctx: Ctx, w: int, h: int) -> Box:
@@ -162,8 +188,7 @@ def render_sample(expert: str, rng: random.Random) -> Sample:
         raise ValueError(f"unknown expert {expert!r}; known experts: {', '.join(EXPERTS)}")
     w, h = screen_size(rng)
     img = Image.new("RGB", (w, h), WHITE)
-    fs = max(8, min(16, round(min(w / 75, h / 46) * rng.uniform(0.85, 1.15))))
-    ctx = Ctx(ImageDraw.Draw(img), rng, fs)
+    ctx = screen_ctx(img, rng)
     box = _desktop(ctx, w, h)
     instruction, answer = renderer(ctx, box)
     _clutter(ctx, w, h)
