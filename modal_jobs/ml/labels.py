@@ -18,7 +18,7 @@ NO_EXPERT = -1
 
 
 class LabelError(MoleError):
-    """Two experts' labels start with the same token."""
+    """Two labels (two experts', or one and the reserved answer's) start with the same token."""
 
 
 @dataclass(frozen=True)
@@ -31,20 +31,6 @@ class LabelMap:
     # The reserved answer for screens of none and its first token (None: trained without).
     none_label: str | None = None
     none_token_id: int | None = None
-
-    @property
-    def scored_ids(self) -> tuple[int, ...]:
-        """The tokens read at the answer slot: the experts', then the reserved one if any."""
-        extra = () if self.none_token_id is None else (self.none_token_id,)
-        return (*self.token_ids, *extra)
-
-    def label_of_class(self, index: int) -> str:
-        """The answer of class `index` (`NO_EXPERT`: the reserved label)."""
-        if index >= 0:
-            return self.labels[index]
-        if self.none_label is None:
-            raise LabelError("a screen of none in a dataset built without negatives")
-        return self.none_label
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for index/report files."""

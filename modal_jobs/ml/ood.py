@@ -62,13 +62,13 @@ class SlotFeatures:
     @classmethod
     def concat(cls, parts: Sequence[SlotFeatures]) -> SlotFeatures:
         """Rows of `parts`, one after another."""
-        nones = [p.none for p in parts]
+        nones = [p.none for p in parts if p.none is not None]
         return cls(
             np.concatenate([p.logits for p in parts]),
             np.concatenate([p.label_mass for p in parts]),
             np.concatenate([p.hidden for p in parts]),
             [s for p in parts for s in p.batch_seconds],
-            None if any(n is None for n in nones) else np.concatenate(nones),  # type: ignore[arg-type]
+            np.concatenate(nones) if len(nones) == len(parts) else None,
         )
 
 
