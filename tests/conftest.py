@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def copy_experts(source: Path, target: Path) -> Path:
 def tiny_base(mole_home: Path) -> str:
     """Build (once per session) and return the cached tiny base the graph runs on.
 
-    `MOLE_TEST_MODELS=<a models volume>` (e.g. `.mole/volumes/moe-lora-models` after `make
+    `MOLE_TEST_MODELS=<a models volume>` (e.g. `.mole/volumes/moe-lora-hf-cache` after `make
     demo`) seeds the session from bases built before; a base is reused only if its recipe hash
     matches, so a stale one is rebuilt as usual.
     """
@@ -138,3 +139,91 @@ def fresh_instance(root: Path, run: str) -> Any:
     instance = dg.DagsterInstance.get()
     instance.add_dynamic_partitions(RUN_NAMES, [run])
     return instance
+
+
+def materialize(
+    instance: Any,
+    config_dir: Path,
+    selection: Any,
+    run: str,
+    run_config: dict[str, Any] | None = None,
+) -> Any:
+    """`dg.materialize` of `selection` for partition `run` with the config in `config_dir`."""
+    import dagster as dg
+
+    from modal_jobs.config import load_config
+    from mole_assets.assets import router_assets
+    from mole_assets.resources import MoleResource
+
+    return dg.materialize(
+        router_assets(load_config(config_dir)),
+        instance=instance,
+        partition_key=run,
+        selection=selection,
+        resources={"mole": MoleResource(config_dir=str(config_dir))},
+        run_config=run_config or {},
+        raise_on_error=False,
+    )
+
+
+def observe_experts(instance: Any, config_dir: Path) -> Any:
+    """The `observe_expert_datasets` job, in process, over the experts `config_dir` names.
+
+    A failure is returned in the result, not raised.
+    """
+    import dagster as dg
+
+    from modal_jobs.config import load_config
+    from mole_assets.assets import router_assets
+    from mole_assets.jobs import observe_experts_job
+    from mole_assets.resources import MoleResource
+
+    defs = dg.Definitions(
+        assets=router_assets(load_config(config_dir)),
+        jobs=[observe_experts_job],
+        resources={"mole": MoleResource(config_dir=str(config_dir))},
+    )
+    job = defs.resolve_job_def(observe_experts_job.name)
+    return job.execute_in_process(instance=instance, raise_on_error=False)
+
+
+TRAINED_RUN = "serve-test"
+# Enough router steps on the small test data to route held-out screens reliably (test mode's
+# 8 steps on 48 samples is near chance); the demo experts only need to exist here.
+TRAINED_RUN_CONFIG = {
+    "ops": {
+        "router_checkpoint": {"config": {"mode": "full", "steps": 240}},
+        "expert_adapters": {"config": {"mode": "test"}},
+    }
+}
+
+
+@dataclass
+class TrainedRun:
+    """One run of the whole graph, trained to route and deployed, in its own Dagster instance."""
+
+    run: str
+    root: Path
+    config_dir: Path
+    dagster_home: Path
+    instance: Any
+
+
+@pytest.fixture(scope="session")
+def trained_run(
+    tmp_path_factory: pytest.TempPathFactory, experts_dir: Path, tiny_base: str
+) -> TrainedRun:
+    """The run `tests/test_serve.py` serves and `tests/test_ui.py` shows in a browser.
+
+    The expert datasets are observed first, so that their data versions chain to the report.
+    """
+    import dagster as dg
+
+    root = tmp_path_factory.mktemp("trained")
+    instance = fresh_instance(root, TRAINED_RUN)
+    config_dir = write_config(root / "config", experts_dir, min_accuracy=0.0)
+    assert observe_experts(instance, config_dir).success
+    selection = dg.AssetSelection.assets("deployed_router").upstream()
+    result = materialize(instance, config_dir, selection, TRAINED_RUN, TRAINED_RUN_CONFIG)
+    assert result.success
+    return TrainedRun(TRAINED_RUN, root, config_dir, root / "dagster", instance)

@@ -14,13 +14,10 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from modal_jobs.config import load_config
+from modal_jobs.hashing import expert_version
 from modal_jobs.layout import RunLayout, Volumes
-from mole_assets.assets import router_assets
-from mole_assets.definitions import defs
-from mole_assets.resources import MoleResource
 
-from .conftest import PER_EXPERT, fresh_instance, write_config
+from .conftest import PER_EXPERT, fresh_instance, materialize, observe_experts, write_config
 
 RUN = "graph-test"
 TEST_MODE = {
@@ -40,24 +37,6 @@ class Materialized:
     result: dg.ExecuteInProcessResult
 
 
-def _materialize(
-    instance: dg.DagsterInstance,
-    config_dir: Path,
-    selection: Any,
-    run_config: dict[str, Any] | None = None,
-    run: str = RUN,
-) -> Any:
-    return dg.materialize(
-        router_assets(load_config(config_dir)),
-        instance=instance,
-        partition_key=run,
-        selection=selection,
-        resources={"mole": MoleResource(config_dir=str(config_dir))},
-        run_config=run_config or {},
-        raise_on_error=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def materialized(
     tmp_path_factory: pytest.TempPathFactory, experts_dir: Path, tiny_base: str
@@ -66,7 +45,7 @@ def materialized(
     instance = fresh_instance(root, RUN)
     config_dir = write_config(root / "config", experts_dir, min_accuracy=0.0)
     selection = dg.AssetSelection.assets("deployed_router").upstream()
-    result = _materialize(instance, config_dir, selection, TEST_MODE)
+    result = materialize(instance, config_dir, selection, RUN, TEST_MODE)
     volumes = Volumes.local()
     return Materialized(instance, config_dir, volumes.run(RUN), volumes, result)
 
@@ -163,16 +142,18 @@ def test_adapter_loads_with_vanilla_peft_in_fresh_process(materialized: Material
     assert out.stdout.startswith("ok 28 ")  # 2 layers × 7 projections × (A, B)
 
 
-def test_expert_sources_have_content_hash_versions(materialized: Materialized) -> None:
-    defs.resolve_job_def("observe_expert_datasets").execute_in_process(
-        instance=materialized.instance
-    )
+def test_expert_sources_have_content_hash_versions(
+    materialized: Materialized, experts_dir: Path
+) -> None:
+    assert observe_experts(materialized.instance, materialized.config_dir).success
     records = materialized.instance.fetch_observations(
         dg.AssetKey(["expert_datasets", "map"]), limit=1
     ).records
     assert records, "no observation recorded"
     observation = records[0].event_log_entry.asset_observation
-    assert observation is not None and len(observation.data_version or "") == 16
+    assert observation is not None
+    # The hash of the files the config names (an empty folder would hash to e3b0c442…).
+    assert observation.data_version == expert_version(experts_dir / "map")[:16]
 
 
 def test_accuracy_gate_blocks_deployment(
@@ -187,7 +168,7 @@ def test_accuracy_gate_blocks_deployment(
     for threshold, passes in ((above, False), (measured["accuracy"], True)):
         config = write_config(tmp_path / f"gate-{passes}", experts_dir, min_accuracy=threshold)
         before = materialized.volumes.registry.read_text()
-        result = _materialize(materialized.instance, config, selection)
+        result = materialize(materialized.instance, config, selection, RUN)
         report = json.loads((materialized.layout.report / "report.json").read_text())
         assert report["accuracy"] == measured["accuracy"]  # the same router, re-evaluated
         gate = _check_evaluations(result)

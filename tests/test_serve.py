@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
@@ -33,18 +32,9 @@ from modal_jobs.ml.calibration import ECE_BINS
 from modal_jobs.serving.batched import Prepared
 from modal_jobs.serving.inference import Answer, Route, Stack
 
-from .conftest import fresh_instance, write_config
-from .test_graph import _materialize
+from .conftest import TRAINED_RUN as RUN
+from .conftest import TrainedRun
 
-RUN = "serve-test"
-# Enough router steps on the small test data to route held-out screens reliably (test mode's
-# 8 steps on 48 samples is near chance); the demo experts only need to exist here.
-TRAIN = {
-    "ops": {
-        "router_checkpoint": {"config": {"mode": "full", "steps": 240}},
-        "expert_adapters": {"config": {"mode": "test"}},
-    }
-}
 HELD_OUT_SEED = 424242
 
 
@@ -58,23 +48,16 @@ class Deployed:
 
 
 @pytest.fixture(scope="module")
-def deployed(
-    tmp_path_factory: pytest.TempPathFactory, experts_dir: Path, tiny_base: str
-) -> Deployed:
-    root = tmp_path_factory.mktemp("serve")
-    instance = fresh_instance(root, RUN)
-    config_dir = write_config(root / "config", experts_dir, min_accuracy=0.0)
-    selection = dg.AssetSelection.assets("deployed_router").upstream()
-    result = _materialize(instance, config_dir, selection, TRAIN, run=RUN)
-    assert result.success
+def deployed(trained_run: TrainedRun) -> Deployed:
+    root = trained_run.root
     screens, prompts = {}, {}
     for expert in ("calendar", "terminal", "spreadsheet"):
         sample = render_sample(expert, random.Random(f"{HELD_OUT_SEED}:{expert}"))
         screens[expert] = root / f"{expert}.png"
         sample.image.save(screens[expert])
         prompts[expert] = sample.instruction
-    env = {**os.environ, "MOLE_CONFIG_DIR": str(config_dir)}
-    return Deployed(config_dir, Volumes.local(), env, screens, prompts)
+    env = {**os.environ, "MOLE_CONFIG_DIR": str(trained_run.config_dir)}
+    return Deployed(trained_run.config_dir, Volumes.local(), env, screens, prompts)
 
 
 def _mole(deployed: Deployed, *args: str) -> subprocess.CompletedProcess[str]:

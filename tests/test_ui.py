@@ -1,5 +1,6 @@
-"""The real Dagster webserver: launch a partition through GraphQL, read the lineage back, and
-look at it in a real browser (Debian's headless Chromium driven by Playwright)."""
+"""The real Dagster webserver (`dagster dev`, as `make ui` starts it) over a materialized run:
+launch a job through GraphQL, read the lineage back, and look at it in a real browser (Debian's
+headless Chromium driven by Playwright)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,12 @@ from playwright.sync_api import Page, sync_playwright
 
 from modal_jobs.layout import Volumes
 from mole_assets.instance import dagster_home
-from mole_assets.partitions import RUN_NAMES
-from mole_assets.service_state import TEST_MODE_RUN_CONFIG
 from mole_assets.webserver import free_port, webserver
 from scripts.ui_check import CHROMIUM_FLAGS, dismiss_dialogs
 
-from .conftest import write_config
+from .conftest import TRAINED_RUN as RUN
+from .conftest import TrainedRun
 
-RUN = "ui-run"
 LINEAGE_QUERY = """
 query Lineage {
   assetNodes {
@@ -59,29 +58,22 @@ def wait_for(client: DagsterGraphQLClient, run_id: str, timeout: float = 600) ->
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory: pytest.TempPathFactory, experts_dir: Path, tiny_base: str) -> Iterator[Ui]:
-    """`dagster dev` on a fresh instance, with run `ui-run` trained through GraphQL."""
-    root = tmp_path_factory.mktemp("ui")
-    # Small and without expert adapters to train: the UI is the subject, not the model.
-    config = write_config(
-        root / "config", experts_dir, count=8, min_accuracy=0.0, expert_adapters=False
-    )
+def ui(trained_run: TrainedRun) -> Iterator[Ui]:
+    """`dagster dev` on the instance holding the session's trained run (`conftest.trained_run`).
+
+    The run was materialized before the webserver started: what the UI shows comes from the
+    instance's storage. One job is launched through GraphQL here, observing the expert datasets
+    again (their content has not changed, so neither do their versions).
+    """
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DAGSTER_HOME", str(root / "dagster"))
-        patch.setenv("MOLE_CONFIG_DIR", str(config))
+        patch.setenv("DAGSTER_HOME", str(trained_run.dagster_home))
+        patch.setenv("MOLE_CONFIG_DIR", str(trained_run.config_dir))
         dagster_home()  # writes the default dagster.yaml the UI runs with
         instance = dg.DagsterInstance.get()
-        instance.add_dynamic_partitions(RUN_NAMES, [RUN])
         with webserver(dict(os.environ), free_port()) as url:
             client = DagsterGraphQLClient("127.0.0.1", port_number=int(url.rsplit(":", 1)[1]))
             observed = client.submit_job_execution("observe_expert_datasets")
             assert wait_for(client, observed) == "SUCCESS"
-            run_id = client.submit_job_execution(
-                "train_router",
-                run_config=TEST_MODE_RUN_CONFIG,
-                tags={"dagster/partition": RUN},
-            )
-            assert wait_for(client, run_id) == "SUCCESS"
             report_dir = Volumes.local(Path(os.environ["MOLE_HOME"])).run(RUN).report
             yield Ui(url, client, instance, report_dir)
 
