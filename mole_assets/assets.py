@@ -37,7 +37,15 @@ def expert_source(name: str) -> dg.SourceAsset:
         description=f"Expert dataset `{name}` (JSONL + images); version = content hash.",
     )
     def _expert(mole: MoleResource) -> dg.DataVersion:
-        return dg.DataVersion(expert_version(mole.load().experts_dir / name)[:16])
+        folder = mole.load().experts_dir / name
+        if not folder.is_dir():  # would hash to the version of no files at all
+            raise dg.Failure(
+                description=f"{folder}: expert {name!r} has no dataset folder (experts_dir in "
+                "dataset.yaml); fix: create it (e.g. `mole demo-data --out DIR`) or point "
+                "experts_dir at your expert datasets",
+                allow_retries=False,
+            )
+        return dg.DataVersion(expert_version(folder)[:16])
 
     return _expert
 

@@ -83,7 +83,9 @@ def materialize(
     inst = instance()
     ensure_run(inst, name)
     # Record the expert datasets' current versions so lineage and staleness reflect this run.
-    defs.resolve_job_def(observe_experts_job.name).execute_in_process(instance=inst)
+    # A missing expert folder fails its observation; `routing_dataset` then names every defect.
+    observe = defs.resolve_job_def(observe_experts_job.name)
+    observe.execute_in_process(instance=inst, raise_on_error=False)
     assets = router_assets(load_config())
     selected = dg.AssetSelection.from_coercible(selection).resolve(defs.resolve_asset_graph())
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
