@@ -200,13 +200,15 @@ TRAINED_RUN_CONFIG = {
 
 @dataclass
 class TrainedRun:
-    """One run of the whole graph, trained to route and deployed, in its own Dagster instance."""
+    """Run `TRAINED_RUN` of the whole graph, trained to route and deployed, in its own instance."""
 
-    run: str
     root: Path
     config_dir: Path
-    dagster_home: Path
-    instance: Any
+
+    @property
+    def dagster_home(self) -> Path:
+        """The run's Dagster instance folder (`fresh_instance` made it)."""
+        return self.root / "dagster"
 
 
 @pytest.fixture(scope="session")
@@ -226,4 +228,4 @@ def trained_run(
     selection = dg.AssetSelection.assets("deployed_router").upstream()
     result = materialize(instance, config_dir, selection, TRAINED_RUN, TRAINED_RUN_CONFIG)
     assert result.success
-    return TrainedRun(TRAINED_RUN, root, config_dir, root / "dagster", instance)
+    return TrainedRun(root, config_dir)
