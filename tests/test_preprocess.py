@@ -21,6 +21,7 @@ from modal_jobs.layout import Volumes
 from modal_jobs.ml import shard_files
 from modal_jobs.ml.batching import Encoded, collate, encode, read_screen, vision_inputs
 from modal_jobs.ml.model import load_processor
+from modal_jobs.serving.serve import load_image
 from modal_jobs.stage import StageSpec
 from modal_jobs.stages import dataset, shards
 from tests.conftest import MakeConfig
@@ -204,7 +205,11 @@ def test_workers_default_to_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "I;16", "1"])
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
-def test_read_screen_gives_pillows_rgb_pixels(tmp_path: Path, mode: str, suffix: str) -> None:
+@pytest.mark.parametrize("reader", ["read_screen", "load_image"])
+def test_decoding_gives_pillows_rgb_pixels(
+    tmp_path: Path, mode: str, suffix: str, reader: str
+) -> None:
+    """Tokenization's file reader and serving's body decoder (libspng first) match Pillow."""
     rng = np.random.default_rng(3)
     rgb = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
     image = rgb.convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16")
@@ -214,6 +219,6 @@ def test_read_screen_gives_pillows_rgb_pixels(tmp_path: Path, mode: str, suffix:
     image.save(path)
     with Image.open(path) as reference:
         expected = np.array(reference.convert("RGB"))
-    got = read_screen(path)
-    assert got.dtype == np.uint8 and got.shape == (37, 53, 3)
+    got = read_screen(path) if reader == "read_screen" else load_image(path.read_bytes())
+    assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and got.shape == (37, 53, 3)
     assert np.array_equal(got, expected)

@@ -226,6 +226,11 @@ def _png(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _truncated(encoded: str) -> str:
+    data = base64.b64decode(encoded)
+    return base64.b64encode(data[: len(data) // 2]).decode()
+
+
 def test_http_route_and_infer(server: str, deployed: Deployed) -> None:
     with Image.open(deployed.screens["terminal"]) as image:
         encoded = _png(image)
@@ -253,6 +258,12 @@ def test_http_bad_requests_get_4xx_json_and_server_stays_healthy(server: str) ->
         "not an image": (
             "/route",
             json.dumps({"image": base64.b64encode(b"hello").decode()}).encode(),
+            400,
+        ),
+        # A PNG whose header reads but whose pixel data stops short (libspng, then Pillow, fail).
+        "truncated PNG": (
+            "/route",
+            json.dumps({"image": _truncated(_png(Image.effect_noise((64, 48), 60)))}).encode(),
             400,
         ),
         "missing prompt": ("/infer", json.dumps({"image": small}).encode(), 400),

@@ -9,20 +9,19 @@ the processor's own settings and layout, so training, eval and serving see ident
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyspng
 import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import InterpolationMode, resize
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from modal_jobs.config import ImageBounds
+from modal_jobs.ml.decode import decode_screen
 
 IGNORE_INDEX = -100
 
@@ -53,29 +52,9 @@ def fitted_size(height: int, width: int, bounds: ImageBounds, factor: int) -> tu
     return int(fitted[0]), int(fitted[1])
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def read_screen(path: Path) -> np.ndarray:
-    """A screenshot file as RGB uint8 pixels (height × width × 3), decoded once.
-
-    PNG (what screenshots are) is decoded by libspng through `pyspng`, about twice as fast as
-    Pillow and the same pixels (a grey image's level repeated, an alpha channel dropped, as
-    Pillow's `convert("RGB")` does); other formats, and PNGs libspng gives in another layout,
-    go to Pillow. A damaged file fails in Pillow with its own error.
-    """
-    data = path.read_bytes()
-    if data.startswith(PNG_SIGNATURE):
-        try:
-            pixels = pyspng.load(data)
-        except RuntimeError:  # a layout libspng's default output does not take (grey + alpha)
-            pixels = np.zeros(0)
-        if pixels.dtype == np.uint8 and pixels.ndim == 2:
-            return np.repeat(pixels[:, :, None], 3, axis=2)
-        if pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] in (3, 4):
-            return np.ascontiguousarray(pixels[:, :, :3])
-    with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"), dtype=np.uint8)
+    """A screenshot file as RGB uint8 pixels (height × width × 3), decoded once."""
+    return decode_screen(path.read_bytes())
 
 
 def resize_screen(image: Image.Image | np.ndarray, bounds: ImageBounds, factor: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -51,7 +52,7 @@ class Prepared:
     stack: Stack
 
 
-def prepare(stack: Stack, image: Image.Image, prompt: str, answer: bool) -> Prepared:
+def prepare(stack: Stack, image: Image.Image | np.ndarray, prompt: str, answer: bool) -> Prepared:
     """Size the screenshot once and tokenize the router prompt (and the answer prompt)."""
     began = time.perf_counter()
     info, processor = stack.router, stack.processor

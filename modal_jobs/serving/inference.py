@@ -155,7 +155,7 @@ class Stack:
             return np.zeros(len(features.logits), dtype=bool)
         return abstention.abstains(features, self.router.temperature)
 
-    def route(self, image: Image.Image, prompt: str) -> Route:
+    def route(self, image: Image.Image | np.ndarray, prompt: str) -> Route:
         """Route one screenshot (+ instruction) in a single forward pass."""
         began = time.perf_counter()
         info = self.router
@@ -188,7 +188,7 @@ class Stack:
         )
 
     def infer(
-        self, image: Image.Image, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS
+        self, image: Image.Image | np.ndarray, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS
     ) -> Answer:
         """Route, then generate the answer with the routed expert (or the bare base) active."""
         began = time.perf_counter()

@@ -15,10 +15,12 @@ import warnings
 from dataclasses import dataclass
 from http import HTTPStatus
 
+import numpy as np
 import pydantic
 from PIL import Image
 
 from modal_jobs.errors import MoleError
+from modal_jobs.ml.decode import decode_screen
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DRAIN_LIMIT_BYTES = 4 * MAX_BODY_BYTES
@@ -73,14 +75,18 @@ class InferBody(RouteBody):
     prompt: str = pydantic.Field(pattern=r"\S", description="the user's instruction")
 
 
-def load_image(data: bytes, source: str = "image") -> Image.Image:
-    """Decode PNG/JPEG bytes to RGB, refusing other formats and more than MAX_IMAGE_PIXELS."""
+def load_image(data: bytes, source: str = "image") -> np.ndarray:
+    """Decode PNG/JPEG bytes to RGB uint8 pixels, refusing other formats and big images.
+
+    Format and size come from the header, so an image over MAX_IMAGE_PIXELS is refused before
+    anything is decoded; the pixels are decoded as tokenization decodes a screenshot file.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            fmt = image.format
-            width, height = image.size
+            with Image.open(io.BytesIO(data)) as image:
+                fmt = image.format
+                width, height = image.size
             if fmt not in IMAGE_FORMATS:
                 raise RequestError(
                     HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
@@ -92,7 +98,7 @@ def load_image(data: bytes, source: str = "image") -> Image.Image:
                     f"{source}: {width}×{height} pixels is over the limit of {MAX_IMAGE_PIXELS}; "
                     "fix: downscale the screenshot",
                 )
-            return image.convert("RGB")
+            return decode_screen(data)
     except RequestError:
         raise
     except (
@@ -106,7 +112,7 @@ def load_image(data: bytes, source: str = "image") -> Image.Image:
         ) from exc
 
 
-def parse_request(body: bytes, need_prompt: bool) -> tuple[Image.Image, str]:
+def parse_request(body: bytes, need_prompt: bool) -> tuple[np.ndarray, str]:
     """The image and prompt of a JSON request body, or a RequestError saying what is wrong."""
     model = InferBody if need_prompt else RouteBody
     try:
