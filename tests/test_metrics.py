@@ -11,28 +11,51 @@ import pytest
 from modal_jobs.ml.calibration import (
     ECE_BINS,
     MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    brier,
     fit_temperature,
-    nll,
     reliability,
     risk_coverage,
+    softmax,
 )
 from modal_jobs.ml.metrics import classification_report
 
 
 def test_fit_temperature_finds_the_two_class_closed_form() -> None:
-    # Two classes, logit gap 2: p(true) = sigmoid(2 / T). With 3 of 4 samples right, the NLL
-    # -(3 log σ(2/T) + log σ(-2/T)) is minimal where σ(2/T) = 3/4, i.e. T = 2 / ln 3.
+    # Two classes, logit gap 2: p = p(class 0) = sigmoid(2 / T). With 3 of 4 samples right, the
+    # Brier score (3 · 2(1 - p)² + 2p²) / 4 is minimal where p = 3/4, i.e. T = 2 / ln 3.
     logits = np.array([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0]])
     truth = np.array([0, 0, 0, 1])
     fitted = fit_temperature(logits, truth)
     assert fitted == pytest.approx(2 / math.log(3), rel=1e-4)
     for other in (fitted * 0.9, fitted * 1.1):
-        assert nll(logits, truth, other) > nll(logits, truth, fitted)
+        assert brier(logits, truth, other) > brier(logits, truth, fitted)
+
+
+def _nll(logits: np.ndarray, truth: np.ndarray, temperature: float) -> float:
+    probabilities = softmax(logits, temperature)[np.arange(len(truth)), truth]
+    return float(-np.log(np.clip(probabilities, 1e-300, None)).mean())
+
+
+def test_a_confidently_wrong_row_does_not_hold_the_temperature_up() -> None:
+    # 20 rows right at logit gap 4, one wrong at gap 6 (p(true) ≈ 0 at any useful T). The NLL
+    # of that row is unbounded, so minimising the NLL makes every right row under-confident;
+    # the Brier score, bounded per row, does not. Both optima found by a dense grid here.
+    logits = np.vstack([np.tile([4.0, 0.0, 0.0], (20, 1)), [[6.0, 0.0, 0.0]]])
+    truth = np.array([0] * 20 + [1])
+    grid = np.exp(np.linspace(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE), 4001))
+    by_brier = grid[np.argmin([brier(logits, truth, t) for t in grid])]
+    by_nll = grid[np.argmin([_nll(logits, truth, t) for t in grid])]
+    fitted = fit_temperature(logits, truth)
+    assert fitted == pytest.approx(by_brier, rel=2e-3)
+    assert fitted < by_nll / 1.5
+    ece = {t: reliability(softmax(logits, t), truth).ece for t in (fitted, by_nll)}
+    assert ece[fitted] < 0.05 < 0.1 < ece[by_nll]
 
 
 def test_fit_temperature_edge_cases() -> None:
     assert fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 1.0
-    # Half right at any confidence: the NLL falls towards T → ∞ (uniform), so T is clamped.
+    # Half right at any confidence: the Brier score falls towards T → ∞ (uniform): clamped.
     logits = np.array([[1.0, 0.0], [1.0, 0.0]])
     assert fit_temperature(logits, np.array([0, 1])) == pytest.approx(MAX_TEMPERATURE, rel=1e-3)
 

@@ -316,7 +316,7 @@ def calibration_section(
     after = reliability(calibrated, truth)
     return {
         "temperature": temperature,
-        "fitted_on": {"split": "val", "n": n_val},
+        "fitted_on": {"split": "val", "n": n_val, "objective": "brier"},
         "ece_bins": ECE_BINS,
         "ece_before": before.ece,
         "ece_after": after.ece,
