@@ -64,7 +64,7 @@ def fit_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
             low, a, fa = a, b, fb
             b = low + ratio * (high - low)
             fb = brier(logits, truth, math.exp(b))
-    # The ends of the range are candidates too (the minimum may lie on a clamp).
+    # Never worse than the best grid point: the bracket may hold more than one dip.
     candidates = [(low + high) / 2, float(grid[best])]
     return float(math.exp(min(candidates, key=lambda x: brier(logits, truth, math.exp(x)))))
 
