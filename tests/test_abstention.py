@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from modal_jobs.ml.labels import NO_EXPERT, LabelError, first_answer_token, labe
 from modal_jobs.ml.metrics import auroc
 from modal_jobs.ml.model import load_processor
 from modal_jobs.ml.ood import (
+    PROTOTYPES_FILE,
     Abstention,
     Prototypes,
     SlotFeatures,
@@ -68,7 +70,7 @@ def test_scores_match_their_definitions() -> None:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(7, 4)) * 3
     features = SlotFeatures(logits, rng.uniform(size=7), rng.normal(size=(7, 5)), [])
-    scores = ood_scores(features, 2.0, None)
+    scores = ood_scores(features, 2.0, {})
     direct_energy = [np.log(np.sum(np.exp(row / 2.0))) for row in logits]
     assert scores["energy"] == pytest.approx(direct_energy)
     top = [np.max(np.exp(row / 2.0) / np.sum(np.exp(row / 2.0))) for row in logits]
@@ -81,12 +83,12 @@ def test_none_answer_is_the_log_odds_of_the_experts_against_the_reserved_token()
     rng = np.random.default_rng(1)
     logits, none = rng.normal(size=(9, 3)) * 4, rng.normal(size=9) * 4
     features = SlotFeatures(logits, np.ones(9), np.zeros((9, 2)), [], none)
-    scores = ood_scores(features, 3.0, None)
+    scores = ood_scores(features, 3.0, {})
     # Softmax over the experts' tokens and the reserved one: P(any expert) / P(none), in logs.
     full = np.exp(np.column_stack([logits, none]).astype(np.float64))
     direct = np.log(full[:, :3].sum(axis=1) / full[:, 3])
     assert scores["none_answer"] == pytest.approx(direct)
-    assert "none_answer" not in ood_scores(SlotFeatures(logits, none, none, []), 1.0, None)
+    assert "none_answer" not in ood_scores(SlotFeatures(logits, none, none, []), 1.0, {})
     both = SlotFeatures.concat([features.subset(np.arange(4)), features.subset(np.arange(4, 9))])
     assert both.none is not None and (both.none == none).all()
 
@@ -149,6 +151,29 @@ def test_abstention_round_trips_through_router_json(tmp_path: Path) -> None:
     expected = -protos.distance(features.hidden) < -2.5
     assert (loaded.abstains(features, 1.0) == expected).all()
     assert Abstention.load(tmp_path, None) is None
+
+
+def test_screen_score_measures_the_screen_statistics_not_the_hidden_state(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    classes = np.repeat(np.arange(2), 20)
+    screen = rng.normal(size=(40, 4)) + classes[:, None] * 6.0
+    protos = Prototypes.fit(screen, classes, 2)
+    abstention = Abstention("screen", -5.0, protos)
+    section = abstention.to_json()
+    assert section == {"score": "screen", "threshold": -5.0, "prototypes": PROTOTYPES_FILE}
+    protos.save(tmp_path / section["prototypes"])
+    loaded = Abstention.load(tmp_path, section)
+    assert loaded is not None
+    probe = np.r_[screen[:3], np.full((2, 4), 30.0)]
+    hidden = rng.normal(size=(5, 4))  # the hidden state says nothing here
+    features = SlotFeatures(np.zeros((5, 2)), np.ones(5), hidden, [], screen=probe)
+    expected = -protos.distance(probe) < -5.0
+    assert list(expected) == [False, False, False, True, True]
+    assert (loaded.abstains(features, 1.0) == expected).all()
+    # Without screen statistics there is no screen score to give.
+    assert "screen" not in ood_scores(replace(features, screen=None), 1.0, {"screen": protos})
+    joined = SlotFeatures.concat([features.subset(np.arange(2)), features.subset(np.arange(2, 5))])
+    assert joined.screen is not None and (joined.screen == probe).all()
 
 
 @pytest.mark.parametrize("kind", OOD_KINDS)

@@ -8,6 +8,9 @@ logits and the full-vocabulary softmax. Candidate scores (higher means "one of t
 - `energy`: the log-sum-exp of the calibrated label logits (negative free energy);
 - `prototype`: minus the Mahalanobis distance of the hidden state to the nearest expert's mean
   on the train split (one covariance shared by all experts, shrunk towards its diagonal);
+- `screen`: the same distance for the screen statistics, the mean, log standard deviation,
+  maximum and minimum of the frozen vision tower's patch states (`modal_jobs/ml/vision.py`):
+  what the screen looks like, whatever the instruction says;
 - `none_answer`: when the router was trained on screens of none (dataset.yaml `negatives`), the
   log-odds of the experts' label tokens together against the reserved answer's token.
 The eval stage measures all of them, picks the one that separates best on the validation part of
@@ -33,8 +36,11 @@ from modal_jobs.ml.calibration import softmax
 from modal_jobs.ml.labels import NO_EXPERT, LabelMap
 from modal_jobs.ml.metrics import auroc
 from modal_jobs.ml.model import causal_lm
+from modal_jobs.ml.vision import SCREEN_STATISTICS, Features, vision_features, with_features
 
-SCORES = ("max_probability", "label_mass", "energy", "prototype", "none_answer")
+SCORES = ("max_probability", "label_mass", "energy", "prototype", "screen", "none_answer")
+# The distance scores and the `SlotFeatures` field each one measures.
+PROTOTYPE_FEATURES = {"prototype": "hidden", "screen": "screen"}
 PROTOTYPES_FILE = "ood_prototypes.safetensors"
 # Weight of the covariance's diagonal in the shrunk estimate: the hidden size of a real base
 # (2048+) exceeds the train split's sample count, so the raw covariance is singular.
@@ -46,6 +52,7 @@ class SlotFeatures:
     """Per sample at the answer slot: label logits, label mass, hidden state; seconds per batch.
 
     `none`: the logit of the reserved answer for screens of none, when the router has one.
+    `screen`: the screen statistics of the sample's screenshot (`vision.screen_statistics`).
     """
 
     logits: np.ndarray
@@ -53,22 +60,31 @@ class SlotFeatures:
     hidden: np.ndarray
     batch_seconds: list[float]
     none: np.ndarray | None = None
+    screen: np.ndarray | None = None
 
     def subset(self, keep: np.ndarray) -> SlotFeatures:
         """The rows at `keep` (a boolean mask or indices)."""
         none = None if self.none is None else self.none[keep]
-        return SlotFeatures(self.logits[keep], self.label_mass[keep], self.hidden[keep], [], none)
+        screen = None if self.screen is None else self.screen[keep]
+        return SlotFeatures(
+            self.logits[keep], self.label_mass[keep], self.hidden[keep], [], none, screen
+        )
 
     @classmethod
     def concat(cls, parts: Sequence[SlotFeatures]) -> SlotFeatures:
         """Rows of `parts`, one after another."""
-        nones = [p.none for p in parts if p.none is not None]
+
+        def joined(rows: list[np.ndarray | None]) -> np.ndarray | None:
+            present = [r for r in rows if r is not None]
+            return np.concatenate(present) if present and len(present) == len(rows) else None
+
         return cls(
             np.concatenate([p.logits for p in parts]),
             np.concatenate([p.label_mass for p in parts]),
             np.concatenate([p.hidden for p in parts]),
             [s for p in parts for s in p.batch_seconds],
-            np.concatenate(nones) if len(nones) == len(parts) else None,
+            joined([p.none for p in parts]),
+            joined([p.screen for p in parts]),
         )
 
 
@@ -83,20 +99,39 @@ def slot_features(
 ) -> SlotFeatures:
     """One forward a batch; the vocabulary head runs on the answer slot's row only."""
     lm = causal_lm(model)
-    device = next(model.parameters()).device
     parts = []
     for start in range(0, len(items), batch_size):
         group = list(items[start : start + batch_size])
         began = time.perf_counter()
-        batch = {k: v.to(device) for k, v in collate(processor, group, bounds).items()}
-        batch.pop("labels")
-        rows = slot_rows(model, batch, [i.prompt_len - 1 for i in group], labels)
+        rows, _ = slot_batch(model, processor, group, bounds, labels)
         parts.append(replace(rows, batch_seconds=[time.perf_counter() - began]))
     if parts:
         return SlotFeatures.concat(parts)
     k, width = len(labels.token_ids), int(lm.config.text_config.hidden_size)
     none = None if labels.none_token_id is None else np.zeros(0)
-    return SlotFeatures(np.zeros((0, k)), np.zeros(0), np.zeros((0, width)), [], none)
+    screen = np.zeros((0, SCREEN_STATISTICS * int(lm.config.vision_config.hidden_size)))
+    return SlotFeatures(np.zeros((0, k)), np.zeros(0), np.zeros((0, width)), [], none, screen)
+
+
+def slot_batch(
+    model: Any,
+    processor: Any,
+    items: Sequence[Encoded],
+    bounds: ImageBounds,
+    labels: LabelMap,
+) -> tuple[SlotFeatures, list[Features]]:
+    """One batch's slot features, and its screenshots' vision features for reuse.
+
+    The vision tower runs once, before the language model, which takes its outputs instead of
+    the pixels (the same forward the model would run on the pixels itself).
+    """
+    device = next(model.parameters()).device
+    batch = collate(processor, items, bounds)
+    batch.pop("labels")
+    vision = vision_features(model, batch, device)
+    inputs = with_features({k: v.to(device) for k, v in batch.items()}, vision.features)
+    rows = slot_rows(model, inputs, [item.prompt_len - 1 for item in items], labels)
+    return replace(rows, screen=vision.screen), vision.features
 
 
 def slot_rows(
@@ -158,9 +193,13 @@ class Prototypes:
 
 
 def ood_scores(
-    features: SlotFeatures, temperature: float, prototypes: Prototypes | None
+    features: SlotFeatures, temperature: float, prototypes: dict[str, Prototypes]
 ) -> dict[str, np.ndarray]:
-    """Every candidate score of each sample (higher: more like the experts' screens)."""
+    """Every candidate score of each sample (higher: more like the experts' screens).
+
+    `prototypes`: per distance score (`PROTOTYPE_FEATURES`), the prototypes it measures to;
+    a distance score is given when its prototypes and its features are both there.
+    """
     scaled = features.logits / temperature
     peak = scaled.max(axis=1, keepdims=True) if len(scaled) else np.zeros((0, 1))
     out = {
@@ -170,8 +209,10 @@ def ood_scores(
         "label_mass": features.label_mass,
         "energy": (peak[:, 0] + np.log(np.exp(scaled - peak).sum(axis=1))),
     }
-    if prototypes is not None:
-        out["prototype"] = -prototypes.distance(features.hidden)
+    for name, fitted in prototypes.items():
+        rows = getattr(features, PROTOTYPE_FEATURES[name])
+        if rows is not None:
+            out[name] = -fitted.distance(rows)
     if features.none is not None:
         # Log-odds of "one of the experts" against the reserved answer, raw logits (T = 1).
         raw = features.logits
@@ -200,11 +241,12 @@ class Abstention:
 
     def abstains(self, features: SlotFeatures, temperature: float) -> np.ndarray:
         """Whether each sample's chosen score falls below the threshold."""
-        return ood_scores(features, temperature, self.prototypes)[self.score] < self.threshold
+        fitted = {self.score: self.prototypes} if self.prototypes is not None else {}
+        return ood_scores(features, temperature, fitted)[self.score] < self.threshold
 
     def to_json(self) -> dict[str, Any]:
         """The `ood` section of router.json (the prototypes file sits beside it)."""
-        files = {"prototypes": PROTOTYPES_FILE} if self.score == "prototype" else {}
+        files = {"prototypes": PROTOTYPES_FILE} if self.score in PROTOTYPE_FEATURES else {}
         return {"score": self.score, "threshold": self.threshold, **files}
 
     @classmethod

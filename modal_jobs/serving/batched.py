@@ -13,16 +13,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from modal_jobs.ml.batching import Encoded, collate, encode, resize_factor, resize_screen
-from modal_jobs.ml.model import causal_lm
-from modal_jobs.ml.ood import SlotFeatures, slot_rows
-from modal_jobs.ml.vision_cache import DEEPSTACK_EMBEDS, IMAGE_EMBEDS, encoder_outputs
+from modal_jobs.ml.ood import SlotFeatures, slot_batch
+from modal_jobs.ml.vision import Features, with_features
 from modal_jobs.serving.inference import (
     MAX_NEW_TOKENS,
     ROUTER_ADAPTER,
@@ -32,8 +30,6 @@ from modal_jobs.serving.inference import (
     left_padded,
 )
 
-# A screenshot's frozen vision outputs: merged image embeddings, one tensor per deepstack layer.
-Features = tuple[torch.Tensor, list[torch.Tensor]]
 # Told the kind of each batch run ("route", "answer") and its size, for the metrics.
 BatchObserver = Callable[[str, int], None]
 
@@ -104,14 +100,9 @@ def route_batch(
     """The router's answer-slot features, and the vision features when they are kept."""
     if not reuse_features:
         return stack.route_features(items), []
-    device = stack.runtime.device
-    batch = collate(stack.processor, items, stack.router.bounds)
-    batch.pop("labels")
+    info = stack.router
     with stack.lock, stack.adapter(ROUTER_ADAPTER):
-        features = vision_features(stack.model, batch, device)
-        inputs = with_features({k: v.to(device) for k, v in batch.items()}, features)
-        slots = [item.prompt_len - 1 for item in items]
-        return slot_rows(stack.model, inputs, slots, stack.router.labels), features
+        return slot_batch(stack.model, stack.processor, items, info.bounds, info.labels)
 
 
 @torch.inference_mode()
@@ -130,26 +121,3 @@ def answer_batch(
         batch = with_features(batch, features)
     with stack.lock, stack.adapter(adapter):
         return stack.decode(batch, max_new_tokens)
-
-
-def vision_features(
-    model: Any, batch: dict[str, torch.Tensor], device: torch.device
-) -> list[Features]:
-    """The frozen vision tower's outputs for each screenshot of a collated batch."""
-    grids = batch["image_grid_thw"].to(device)
-    outputs = causal_lm(model).model.get_image_features(
-        batch["pixel_values"].to(device), grids, return_dict=True
-    )
-    return [
-        (embeds, [layer[n] for layer in outputs.deepstack_features])
-        for n, embeds in enumerate(outputs.pooler_output)
-    ]
-
-
-def with_features(batch: dict[str, Any], features: Sequence[Features]) -> dict[str, Any]:
-    """`batch` with its pixels replaced by the screenshots' vision features."""
-    inputs = {k: v for k, v in batch.items() if k != "pixel_values"}
-    inputs[IMAGE_EMBEDS] = [embeds for embeds, _ in features]
-    layers = len(features[0][1]) if features else 0
-    inputs[DEEPSTACK_EMBEDS] = [[deep[layer] for _, deep in features] for layer in range(layers)]
-    return encoder_outputs(inputs)

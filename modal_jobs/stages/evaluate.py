@@ -4,7 +4,7 @@ The untrained router is the same model with the adapter disabled (a fresh LoRA i
 base), so the report shows how much routing the training added. Written atomically:
 `report.json` (machine-readable), `report.md`, `predictions.csv` (one row per screenshot and
 prompt condition), `confusion_matrix.png`, `reliability.png`, `risk_coverage.png`,
-`ood_scores.png` and, when abstention uses it, `ood_prototypes.safetensors`.
+`ood_scores.png` and, when abstention uses a distance score, `ood_prototypes.safetensors`.
 
 The same held-out screenshots are scored with their own instruction, a generic one and none
 (modal_jobs/ml/conditions.py). The router is also a calibrated classifier: a temperature fitted
@@ -41,6 +41,7 @@ from modal_jobs.ml.labels import LabelMap
 from modal_jobs.ml.metrics import classification_report, markdown_table
 from modal_jobs.ml.model import Runtime
 from modal_jobs.ml.ood import (
+    PROTOTYPE_FEATURES,
     Abstention,
     Prototypes,
     SlotFeatures,
@@ -99,7 +100,7 @@ def run(spec: StageSpec) -> StageResult:
     untrained = _score(stack, splits["eval"].items, None)
     val_truth = np.tile(splits["val"].classes, len(CONDITIONS))
     temperature = fit_temperature(_pooled(scored.val).logits, val_truth)
-    prototypes = Prototypes.fit(scored.train.hidden, splits["train"].classes, len(labels.experts))
+    prototypes = fit_prototypes(scored.train, splits["train"].classes, len(labels.experts))
 
     truth = splits["eval"].classes
     trained = scored.eval["instruction"]
@@ -131,6 +132,16 @@ def run(spec: StageSpec) -> StageResult:
     frame = predictions(spec, scored, labels.experts, temperature, ood)
     write_report(spec, report, frame, prototypes)
     return _result(spec, report, frame)
+
+
+def fit_prototypes(train: SlotFeatures, classes: np.ndarray, experts: int) -> dict[str, Prototypes]:
+    """Per distance score, the experts' prototypes of its features on the train split."""
+    out = {}
+    for name, field in PROTOTYPE_FEATURES.items():
+        rows = getattr(train, field)
+        if rows is not None:
+            out[name] = Prototypes.fit(rows, classes, experts)
+    return out
 
 
 def score_parts(spec: StageSpec, stack: Stack, splits: dict[str, Split]) -> Scored:
@@ -211,7 +222,7 @@ def ood_section(
     scored: Scored,
     truth: np.ndarray,
     temperature: float,
-    prototypes: Prototypes,
+    prototypes: dict[str, Prototypes],
 ) -> dict[str, Any] | None:
     """Candidate abstention scores side by side, the chosen one and its held-out figures.
 
@@ -234,7 +245,7 @@ def ood_section(
     kept = scores["held_in"][chosen] >= threshold
     eval_truth = np.tile(truth, len(CONDITIONS))
     right = _pooled(scored.eval).logits.argmax(1) == eval_truth
-    abstention = Abstention(chosen, threshold, prototypes if chosen == "prototype" else None)
+    abstention = Abstention(chosen, threshold, prototypes.get(chosen))
     kinds = [row["kind"] for row in read_split(spec.layout.dataset, "ood_eval")]
     out_abstains = scores["held_out"][chosen] < threshold
     return {
@@ -386,7 +397,10 @@ def _answer_item(stack: Stack, dataset_dir: Path, row: dict[str, Any]) -> Encode
 
 
 def write_report(
-    spec: StageSpec, report: dict[str, Any], frame: pd.DataFrame, prototypes: Prototypes
+    spec: StageSpec,
+    report: dict[str, Any],
+    frame: pd.DataFrame,
+    prototypes: dict[str, Prototypes],
 ) -> None:
     """report.json, report.md, predictions.csv, the PNG figures and the prototypes, together."""
     with atomic_dir(spec.layout.report) as staging:
@@ -395,7 +409,7 @@ def write_report(
         ood = report["ood"]
         if ood is not None:
             if "prototypes" in ood["router"]:
-                prototypes.save(staging / ood["router"]["prototypes"])
+                prototypes[ood["score"]].save(staging / ood["router"]["prototypes"])
             png = plots.score_distributions(
                 ood["scores"]["in"], ood["scores"]["out"], ood["threshold"], ood["score"]
             )
