@@ -176,10 +176,13 @@ class Prototypes:
         return cls(means, np.linalg.inv(shrunk))
 
     def distance(self, hidden: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each row to the nearest mean."""
-        diff = hidden.astype(np.float64)[:, None, :] - self.means[None, :, :]
-        squared = np.einsum("nkd,de,nke->nk", diff, self.precision, diff)
-        return np.asarray(np.sqrt(np.clip(squared, 0, None)).min(axis=1))
+        """Mahalanobis distance of each row to the nearest mean (one matrix product a class)."""
+        rows = hidden.astype(np.float64)
+        squared = np.full(len(rows), np.inf)
+        for mean in self.means:
+            diff = rows - mean
+            squared = np.minimum(squared, ((diff @ self.precision) * diff).sum(axis=1))
+        return np.asarray(np.sqrt(np.clip(squared, 0, None)))
 
     def save(self, path: Path) -> None:
         """Write as safetensors."""
