@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modal_jobs.config import DatasetConfig, ImageBounds
+from modal_jobs.config import ConfigError, DatasetConfig, ImageBounds
 from modal_jobs.demo_data import EXPERTS, render_sample, write_demo_data
 from modal_jobs.demo_data import negatives as negatives_module
 from modal_jobs.demo_data import ood as ood_module
@@ -75,7 +75,7 @@ def test_scores_match_their_definitions() -> None:
     assert scores["energy"] == pytest.approx(direct_energy)
     top = [np.max(np.exp(row / 2.0) / np.sum(np.exp(row / 2.0))) for row in logits]
     assert scores["max_probability"] == pytest.approx(top)
-    assert scores["label_mass"] is features.label_mass
+    assert (scores["label_mass"] == features.label_mass).all()
     assert "prototype" not in scores
 
 
@@ -174,6 +174,27 @@ def test_screen_score_measures_the_screen_statistics_not_the_hidden_state(tmp_pa
     assert "screen" not in ood_scores(replace(features, screen=None), 1.0, {"screen": protos})
     joined = SlotFeatures.concat([features.subset(np.arange(2)), features.subset(np.arange(2, 5))])
     assert joined.screen is not None and (joined.screen == probe).all()
+
+
+def test_router_json_with_an_unknown_or_incomplete_score_is_refused_at_load(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match=r"router.json: field ood.score is 'colour'"):
+        Abstention.load(tmp_path, {"score": "colour", "threshold": 0.0})
+    with pytest.raises(ConfigError, match="field ood.prototypes is missing"):
+        Abstention.load(tmp_path, {"score": "screen", "threshold": 0.0})
+
+
+def test_a_score_that_is_not_a_number_abstains() -> None:
+    rng = np.random.default_rng(8)
+    protos = Prototypes.fit(rng.normal(size=(30, 3)), np.repeat(np.arange(2), 15), 2)
+    screen = rng.normal(size=(3, 3))
+    screen[1, 0] = np.inf  # an overflowed statistic: its distance is NaN
+    features = SlotFeatures(np.zeros((3, 2)), np.ones(3), np.zeros((3, 3)), [], screen=screen)
+    assert np.isnan(protos.distance(screen)[1])
+    scores = ood_scores(features, 1.0, {"screen": protos})["screen"]
+    assert scores[1] == -np.inf and np.isfinite(scores[[0, 2]]).all()
+    assert list(Abstention("screen", -1e9, protos).abstains(features, 1.0)) == [False, True, False]
 
 
 @pytest.mark.parametrize("kind", OOD_KINDS)

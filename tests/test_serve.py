@@ -352,6 +352,8 @@ def _assert_same(result: Route | Answer, other: Route | Answer) -> None:
     else:
         assert isinstance(other, Route) and other.adapter == result.adapter
         mine, theirs = result.probabilities, other.probabilities
+    routes = [r.route if isinstance(r, Answer) else r for r in (result, other)]
+    assert routes[0].abstained == routes[1].abstained
     assert mine == pytest.approx(theirs, abs=1e-5)
 
 

@@ -1,7 +1,8 @@
 """Abstention: scores that tell screens of the experts from screens of none, and the threshold.
 
 One forward pass gives, at the answer slot, the final hidden state, the experts' label-token
-logits and the full-vocabulary softmax. Candidate scores (higher means "one of the experts"):
+logits and the full-vocabulary softmax; the vision tower, run once before it, gives the screen
+statistics. Candidate scores (higher means "one of the experts"):
 - `max_probability`: the top calibrated expert probability (what a fixed `abstain_below` used);
 - `label_mass`: the full-vocabulary softmax's mass on the experts' label tokens (the rest is
   the model saying "none of these");
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from modal_jobs.config import ImageBounds
+from modal_jobs.config import ConfigError, ImageBounds
 from modal_jobs.ml.batching import Encoded, collate
 from modal_jobs.ml.calibration import softmax
 from modal_jobs.ml.labels import NO_EXPERT, LabelMap
@@ -113,6 +114,7 @@ def slot_features(
     return SlotFeatures(np.zeros((0, k)), np.zeros(0), np.zeros((0, width)), [], none, screen)
 
 
+@torch.inference_mode()
 def slot_batch(
     model: Any,
     processor: Any,
@@ -129,7 +131,8 @@ def slot_batch(
     batch = collate(processor, items, bounds)
     batch.pop("labels")
     vision = vision_features(model, batch, device)
-    inputs = with_features({k: v.to(device) for k, v in batch.items()}, vision.features)
+    text = {k: v.to(device) for k, v in batch.items() if k != "pixel_values"}
+    inputs = with_features(text, vision.features)
     rows = slot_rows(model, inputs, [item.prompt_len - 1 for item in items], labels)
     return replace(rows, screen=vision.screen), vision.features
 
@@ -155,7 +158,10 @@ def slot_rows(
 
 @dataclass(frozen=True)
 class Prototypes:
-    """Per-expert means of the slot's hidden state and the shared (shrunk) precision matrix."""
+    """Per-expert means of one feature and the shared (shrunk) precision matrix.
+
+    The feature is the slot's hidden state (`prototype`) or the screen statistics (`screen`).
+    """
 
     means: np.ndarray
     precision: np.ndarray
@@ -222,7 +228,9 @@ def ood_scores(
         top = raw.max(axis=1) if len(raw) else np.zeros(0)
         experts = top + np.log(np.exp(raw - top[:, None]).sum(axis=1))
         out["none_answer"] = experts - features.none
-    return out
+    # A score that is not a number (an overflowed feature) is nothing like the experts' screens:
+    # the lowest score, so it abstains (NaN < threshold would be false: routed).
+    return {name: np.where(np.isnan(v), -np.inf, v) for name, v in out.items()}
 
 
 def threshold_for_coverage(scores: np.ndarray, coverage: float) -> float:
@@ -254,12 +262,28 @@ class Abstention:
 
     @classmethod
     def load(cls, folder: Path, section: dict[str, Any] | None) -> Abstention | None:
-        """From router.json's `ood` section (None: a router that never abstains)."""
+        """From router.json's `ood` section (None: a router that never abstains).
+
+        Raises:
+            ConfigError: If the section names a score this code does not know, or a distance
+                score without its prototypes file: refused at load, not at the first request.
+        """
         if not section:
             return None
-        name = section.get("prototypes")
+        score, name = str(section["score"]), section.get("prototypes")
+        where = f"{folder / 'router.json'}: field ood.score"
+        if score not in SCORES:
+            raise ConfigError(
+                f"{where} is {score!r}, not one of {', '.join(SCORES)}; fix: serve this router "
+                "with the mole version that evaluated it, or deploy a router evaluated by this one"
+            )
+        if score in PROTOTYPE_FEATURES and not name:
+            raise ConfigError(
+                f"{where} is {score!r}, a distance score, but field ood.prototypes is missing; "
+                "fix: deploy the router again from its eval_report"
+            )
         prototypes = Prototypes.load(folder / name) if name else None
-        return cls(str(section["score"]), float(section["threshold"]), prototypes)
+        return cls(score, float(section["threshold"]), prototypes)
 
 
 def candidates(

@@ -22,7 +22,7 @@ from modal_jobs.ml.vision_cache import DEEPSTACK_EMBEDS, IMAGE_EMBEDS, encoder_o
 
 # A screenshot's frozen vision outputs: merged image embeddings, one tensor per deepstack layer.
 Features = tuple[torch.Tensor, list[torch.Tensor]]
-# Added to a patch-state standard deviation before its log: a one-colour screen has none.
+# Added to a patch-state standard deviation before its log, which stays finite for any screen.
 STD_FLOOR = 1e-6
 # Statistics per channel in a screen-statistics row (`screen_statistics`).
 SCREEN_STATISTICS = 4
@@ -57,8 +57,9 @@ def screen_statistics(states: torch.Tensor, grids: torch.Tensor) -> np.ndarray:
     `states` are the last vision block's patch states of every image of a batch, one after
     another (`grids`: each image's temporal, height and width in patches); a row is the four
     statistics side by side, `SCREEN_STATISTICS` × the tower's width. The mean says what the
-    screen shows on average, the spread how busy it is (log: a scale, and a one-colour screen
-    lies far below any app's), the extremes what its most marked patches hold.
+    screen shows on average, the spread how busy it is (log: a scale; a one-colour screen's
+    patches differ only by their position embeddings, and its small spread lies far below any
+    app's), the extremes what its most marked patches hold.
     """
     rows = []
     for patches in states.float().split(grids.prod(-1).tolist()):
