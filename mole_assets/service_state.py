@@ -88,6 +88,21 @@ def events(instance: dg.DagsterInstance, run_id: str, *types: DagsterEventType) 
     return list(instance.all_logs(run_id, of_type=set(types)))
 
 
+def failure_reasons(instance: dg.DagsterInstance, run_id: str, limit: int = 800) -> list[str]:
+    """Why a run failed: each failed step's error and its causes (or the run's own message)."""
+    kinds = (DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE)
+    reasons = []
+    for entry in events(instance, run_id, *kinds):
+        event = entry.dagster_event
+        error, said = getattr(event.event_specific_data, "error", None), []
+        while error is not None:
+            said.append(error.message.strip())
+            error = error.cause
+        text = " | caused by: ".join(said) or (event.message or "").strip()
+        reasons.append(f"{entry.step_key or 'run'}: {text[:limit]}")
+    return reasons
+
+
 def went_through_queue(instance: dg.DagsterInstance, run_id: str) -> bool:
     """Whether the run was enqueued, then launched (by the daemon's queue) once."""
     kinds = (DagsterEventType.RUN_ENQUEUED, DagsterEventType.RUN_STARTING)

@@ -33,6 +33,7 @@ from mole_assets.service import running, service_env  # noqa: E402
 from mole_assets.service_state import (  # noqa: E402
     TEST_MODE_RUN_CONFIG,
     eventually,
+    failure_reasons,
     finished,
     gpu_spans,
     overlaps,
@@ -90,6 +91,12 @@ def exercise(client: DagsterGraphQLClient, experts: Path) -> dict[str, Any]:
     manual_done = finished(instance, manual, timeout=1200)
     spans = gpu_spans(instance, [done.run_id, manual])
     storage = type(instance.run_storage).__name__
+    # A failed run says why on stderr: the services' temp folder is gone once this returns.
+    for run in (done, manual_done):
+        if run.status != dg.DagsterRunStatus.SUCCESS:
+            reasons = failure_reasons(instance, run.run_id) or ["no failure event was logged"]
+            print(f"prod-check: run {run.run_id} {run.status.value}:", file=sys.stderr)
+            print("\n".join(reasons), file=sys.stderr)
     return {
         "storage": "postgres" if storage.startswith("Postgres") else storage,
         "sensor_runs": len(sensor_runs(instance)),

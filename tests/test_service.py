@@ -28,6 +28,7 @@ from mole_assets.service_state import (
     TEST_MODE_RUN_CONFIG,
     events,
     eventually,
+    failure_reasons,
     finished,
     gpu_spans,
     overlaps,
@@ -305,3 +306,20 @@ def test_postgres_url_with_a_sqlite_instance_is_refused(
     monkeypatch.setenv(PG_URL_ENV, "postgresql+psycopg2://mole@127.0.0.1:1/mole")
     with pytest.raises(ConfigError, match=r"dagster\.yaml: MOLE_DAGSTER_PG_URL is set"):
         dagster_home()
+
+
+def test_failure_reasons_name_the_failed_step_and_its_error() -> None:
+    """What `make prod-check` prints for a failed run: the step and the error it raised."""
+
+    @dg.asset
+    def broken() -> None:
+        raise ValueError("the reason it failed")
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize([broken], instance=instance, raise_on_error=False)
+        assert not result.success
+        reasons = failure_reasons(instance, result.run_id)
+    assert any(
+        r.startswith("broken: ") and "ValueError: the reason it failed" in r for r in reasons
+    )
+    assert reasons[-1].startswith("run: ")
