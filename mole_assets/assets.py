@@ -22,6 +22,8 @@ from mole_assets.resources import MoleResource
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 GROUP = "router"
+# The concurrency pool of the steps that need the accelerator (one at a time by default).
+GPU_POOL = "gpu"
 # Infrastructure failures (a killed worker, a lost machine) are retried; bad input is raised as a
 # `dg.Failure(allow_retries=False)` by the launcher and fails once.
 RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
@@ -112,7 +114,7 @@ class TrainConfig(dg.Config, TrainOptions):
     kinds={"pytorch", "safetensors"},
     code_version="1",
     description="Router LoRA (language model only): adapter_config.json + safetensors.",
-    pool="gpu",
+    pool=GPU_POOL,
 )
 def router_checkpoint(
     context: dg.AssetExecutionContext, config: TrainConfig, mole: MoleResource
@@ -133,7 +135,7 @@ class ExpertsConfig(dg.Config, ExpertsOptions):
     kinds={"pytorch", "safetensors"},
     code_version="1",
     description="Demo expert LoRAs registered in loras.json with relative (managed) paths.",
-    pool="gpu",
+    pool=GPU_POOL,
     retry_policy=RETRY,
 )
 def expert_adapters(
@@ -160,7 +162,7 @@ def expert_adapters(
             blocking=True,
         )
     ],
-    pool="gpu",
+    pool=GPU_POOL,
 )
 def eval_report(context: dg.AssetExecutionContext, mole: MoleResource) -> Iterator[Any]:
     """Score the eval split with the trained and the untrained router."""

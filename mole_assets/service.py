@@ -87,7 +87,11 @@ class Service:
             )
 
     def start_all(self, timeout: float = 180.0) -> None:
-        """Start every process (the others once the code server listens); wait for the UI."""
+        """Start every process (the others once the code server listens); wait for the UI.
+
+        The pools' limits are set up first, while no run can race for them.
+        """
+        initialize_pools(self.env, self.log_dir, timeout)
         self.start("code-server")
         self.wait_for_code_server(timeout)
         self.start("daemon")
@@ -127,6 +131,46 @@ class Service:
         """What `name` wrote so far (for failure messages)."""
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def initialize_pools(env: Mapping[str, str], log_dir: Path, timeout: float) -> None:
+    """Create the `gpu` pool's limit in the service's database once, before any run starts.
+
+    Dagster creates it when a run first asks for a slot of the pool. On PostgreSQL two runs
+    doing that at the same moment on a new database fail one of them: the losing INSERT's
+    IntegrityError is caught inside the transaction and the UPDATE that follows runs in the
+    aborted transaction (`InFailedSqlTransaction`; dagster/_core/storage/event_log/
+    sql_event_log.py, `initialize_concurrency_limit_to_default`). Seen in `make prod-check`
+    on fresh databases: the manual run beside the sensor's retrain failed at its first step.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "initialize-pools.log", "w") as log:
+        done = subprocess.run(
+            [sys.executable, "-c", "import mole_assets.service as s; s.initialize_pools_here()"],
+            env=dict(env),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"setting up the pools failed; see {log_dir / 'initialize-pools.log'}")
+
+
+def initialize_pools_here() -> None:
+    """In this process's instance (`DAGSTER_HOME`): each pool's limit row, if it has none.
+
+    It follows the instance's default pool limit (`concurrency.pools.default_limit`), as the row
+    Dagster makes itself does.
+    """
+    import dagster as dg
+
+    from mole_assets.assets import GPU_POOL
+
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        if GPU_POOL not in storage.get_concurrency_keys():
+            storage.initialize_concurrency_limit_to_default(GPU_POOL)
 
 
 @contextlib.contextmanager

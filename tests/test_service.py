@@ -17,12 +17,13 @@ from dagster._core.events import DagsterEventType
 from dagster_graphql import DagsterGraphQLClient
 
 from modal_jobs.config import ConfigError
+from mole_assets.assets import GPU_POOL
 from mole_assets.cli import main
 from mole_assets.instance import PG_URL_ENV, dagster_home, storage_of
 from mole_assets.partitions import RUN_NAMES
 from mole_assets.postgres import Postgres, throwaway
 from mole_assets.sensors import INTERVAL_SECONDS_ENV, QUIET_SECONDS_ENV, TRAIN_MODE_ENV
-from mole_assets.service import Service, running, service_env
+from mole_assets.service import Service, initialize_pools, running, service_env
 from mole_assets.service_state import (
     GPU_STEPS,
     TEST_MODE_RUN_CONFIG,
@@ -323,3 +324,20 @@ def test_failure_reasons_name_the_failed_step_and_its_error() -> None:
         r.startswith("broken: ") and "ValueError: the reason it failed" in r for r in reasons
     )
     assert reasons[-1].startswith("run: ")
+
+
+def test_the_gpu_pool_is_set_up_before_any_run_and_again_harmlessly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its limit row exists once the services start, so no two runs create it at once."""
+    with throwaway() as postgres:
+        env = service_env(os.environ, postgres.url, tmp_path)
+        for key in ("DAGSTER_HOME", PG_URL_ENV):
+            monkeypatch.setenv(key, env[key])
+        with dg.DagsterInstance.get() as instance:
+            assert GPU_POOL not in instance.event_log_storage.get_concurrency_keys()
+        for _ in range(2):  # a restart finds the row and leaves it as it is
+            initialize_pools(env, tmp_path / "logs", 120)
+        with dg.DagsterInstance.get() as instance:
+            info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
+    assert (info.slot_count, info.limit, info.using_default_limit) == (1, 1, True)
