@@ -158,10 +158,10 @@ def initialize_pools(env: Mapping[str, str], log_dir: Path, timeout: float) -> N
 
 
 def initialize_pools_here() -> None:
-    """In this process's instance (`DAGSTER_HOME`): each pool's limit row, if it has none.
+    """In this process's instance (`DAGSTER_HOME`): the `gpu` pool's limit row, if it has none.
 
     It follows the instance's default pool limit (`concurrency.pools.default_limit`), as the row
-    Dagster makes itself does.
+    Dagster makes itself does; a row already there (a restart) is left as it is.
     """
     import dagster as dg
 

@@ -133,11 +133,11 @@ def slot_batch(
     vision = vision_features(model, batch, device)
     text = {k: v.to(device) for k, v in batch.items() if k != "pixel_values"}
     inputs = with_features(text, vision.features)
-    rows = slot_rows(model, inputs, [item.prompt_len - 1 for item in items], labels)
+    rows = _slot_rows(model, inputs, [item.prompt_len - 1 for item in items], labels)
     return replace(rows, screen=vision.screen), vision.features
 
 
-def slot_rows(
+def _slot_rows(
     model: Any, batch: dict[str, Any], slots: Sequence[int], labels: LabelMap
 ) -> SlotFeatures:
     """Label logits, label-token mass, hidden state (and reserved logit) at each row's slot."""
