@@ -37,13 +37,14 @@ lint: setup
 	$(VENV)/bin/ruff format --check modal_jobs mole_assets tests scripts benchmarks
 	$(VENV)/bin/mypy
 
-# CPU benchmarks (need `make demo` first); `datasets` is only for preprocess.py's baseline.
+# CPU benchmarks (need `make demo` first; stage_start.py does not); `datasets` is only for preprocess.py's baseline.
 bench: setup
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) benchmarks/route.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/stage_start.py --rounds 3
 
 # The 2B architecture end to end on CPU (random weights, real tokenizer); prints one JSON line.
 smoke-2b: setup

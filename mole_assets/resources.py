@@ -12,6 +12,7 @@ from dagster_modal import ModalClient
 
 from modal_jobs.config import ConfigError, MoleConfig, load_config
 from modal_jobs.errors import MoleError
+from modal_jobs.launch import warm
 from modal_jobs.launch.compute import stage_command, train_procs
 from modal_jobs.launch.modal_cli import PROJECT_DIR, modal_env
 from modal_jobs.launch.pipes import BAD_INPUT_EXTRA
@@ -104,8 +105,11 @@ class MoleResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         }
 
     def command(self, stage: str) -> list[str]:
-        """The local command running `stage` (module); `torchrun` for `MOLE_TRAIN_PROCS` > 1."""
-        return stage_command(stage, train_procs() if stage == "train" else 1)
+        """The local command running `stage` (module).
+
+        Warm (`MOLE_WARM_STAGES`, default on) unless `MOLE_TRAIN_PROCS` > 1 makes it `torchrun`.
+        """
+        return stage_command(stage, train_procs() if stage == "train" else 1, warm.enabled())
 
     def on_modal(self, asset: str) -> bool:
         """Whether `asset` runs on Modal (every stage has a Modal launch in the stage table)."""

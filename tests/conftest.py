@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from modal_jobs.demo_data import write_demo_data
+from modal_jobs.launch import warm, warm_server
 
 REPO = Path(__file__).resolve().parents[1]
 PER_EXPERT = 24
@@ -24,11 +26,20 @@ OOD_COUNT = 24
 
 @pytest.fixture(scope="session", autouse=True)
 def mole_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A session-wide MOLE_HOME so the cached tiny base is built once."""
+    """A session-wide MOLE_HOME so the cached tiny base is built once.
+
+    Warm stage servers (`modal_jobs/launch/warm.py`) started by the session live in a folder of
+    its own (a short path: socket paths are limited) and are stopped at its end.
+    """
     home = tmp_path_factory.mktemp("mole_home")
-    old = {k: os.environ.get(k) for k in ("MOLE_HOME", "DAGSTER_HOME", "MOLE_CONFIG_DIR")}
+    names = ("MOLE_HOME", "DAGSTER_HOME", "MOLE_CONFIG_DIR", warm.DIR_ENV)
+    old = {k: os.environ.get(k) for k in names}
     os.environ["MOLE_HOME"] = str(home)
+    servers = Path(tempfile.mkdtemp(prefix="mole-warm-"))
+    os.environ[warm.DIR_ENV] = str(servers)
     yield home
+    warm_server.stop_servers(servers)
+    shutil.rmtree(servers, ignore_errors=True)
     for key, value in old.items():
         if value is None:
             os.environ.pop(key, None)

@@ -155,7 +155,8 @@ def test_materialize_dry_prints_plan_and_runs_nothing(
     run_root = Volumes.local(dry_env).run("dry1").root
     for line, (asset, module) in zip(lines, STAGE_MODULES, strict=True):
         plan = json.loads(line.split(": ", 1)[1])
-        assert plan["command"] == f"{sys.executable} -m modal_jobs.stages.{module}", asset
+        warm = f"{sys.executable} -m modal_jobs.launch.warm modal_jobs.stages.{module}"
+        assert plan["command"] == warm, asset
         assert plan["run_root"] == str(run_root)
         assert plan["backend"] == "local" and plan["selected"]
     assert not run_root.exists()
@@ -171,7 +172,7 @@ def test_materialize_dry_select_and_mode(dry_env: Path, capsys: pytest.CaptureFi
     assert len(lines) == 7  # every stage, then the mode
     selected = [line for line in lines if '"selected": true' in line]
     assert len(selected) == 1 and selected[0].startswith("routing_dataset: ")
-    assert "-m modal_jobs.stages.dataset" in selected[0]
+    assert "-m modal_jobs.launch.warm modal_jobs.stages.dataset" in selected[0]
     assert lines[-1] == "router_checkpoint mode: fast"
     assert not Volumes.local(dry_env).run("dry2").root.exists()
 

@@ -163,6 +163,9 @@ def test_local_backend_plans_torchrun_for_training_only(monkeypatch: pytest.Monk
         f"{torchrun} -m modal_jobs.stages.train"
     )
     evaluate = resource.plan("eval_report", "x")["command"]
+    assert evaluate == f"{sys.executable} -m modal_jobs.launch.warm modal_jobs.stages.evaluate"
+    monkeypatch.setenv("MOLE_WARM_STAGES", "0")
+    evaluate = resource.plan("eval_report", "x")["command"]
     assert evaluate == f"{sys.executable} -m modal_jobs.stages.evaluate"
     monkeypatch.setenv("MOLE_TRAIN_PROCS", "two")
     with pytest.raises(ConfigError, match="MOLE_TRAIN_PROCS='two' is not a process count"):

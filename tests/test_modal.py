@@ -20,7 +20,7 @@ import modal
 import pytest
 
 from modal_jobs.config import load_config
-from modal_jobs.launch import cloud, compute
+from modal_jobs.launch import cloud, compute, warm
 from modal_jobs.launch.modal_cli import ENV_BIN, modal_env
 from modal_jobs.launch.table import STAGES
 from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, Volumes
@@ -390,7 +390,11 @@ def _start_graph(root: Path, backend: str, models: Path, experts: Path) -> subpr
             str(experts),
         ],
         cwd=REPO,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("MOLE_", "DAGSTER_"))},
+        env={
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("MOLE_", "DAGSTER_")) or k == warm.DIR_ENV  # its servers
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from modal_jobs.config import ConfigError
+from modal_jobs.launch.warm import command as warm_command
 from modal_jobs.layout import DATA_VOLUME, HF_CACHE_VOLUME, INFERENCE_VOLUME, MODAL_MOUNT_ROOT
 from modal_jobs.stage import MetadataValue, number, text
 
@@ -111,12 +112,15 @@ def web_reload_s() -> float:
     return seconds
 
 
-def stage_command(module: str, procs: int = 1) -> list[str]:
+def stage_command(module: str, procs: int = 1, warm: bool = False) -> list[str]:
     """The command running `modal_jobs.stages.<module>`: Python, or `torchrun` for `procs` > 1.
 
-    `--standalone` lets torchrun pick a free rendezvous port, so concurrent jobs on one machine
-    do not collide on the default one.
+    `warm`: one process forked from the warm stage server (`launch/warm.py`; the local
+    backend's default). `--standalone` lets torchrun pick a free rendezvous port, so concurrent
+    jobs on one machine do not collide on the default one.
     """
+    if procs == 1 and warm:
+        return warm_command(f"modal_jobs.stages.{module}")
     if procs == 1:
         return [sys.executable, "-m", f"modal_jobs.stages.{module}"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
