@@ -36,7 +36,14 @@ def run(
     """Launch the probe (warm, or plain `python -m`); its exit code, report and stderr."""
     head = warm.command(PROBE) if warm_launch else [sys.executable, "-m", PROBE]
     done = subprocess.run(
-        [*head, *args], env=env, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=300
+        [*head, *args],
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(0o027),  # the launch's, which a warm stage must get too
     )
     report = json.loads(done.stdout.splitlines()[0]) if done.stdout else {}
     return done.returncode, report, done.stderr
@@ -104,11 +111,13 @@ def test_a_warm_launch_is_the_stage_as_python_would_run_it(
     assert warm_report["env"] == {"WARM_PROBE_ONLY_HERE": "yes"}  # the launch's, not the server's
     assert warm_report["cwd"] == str(tmp_path) and warm_report["stdin"] == "line one"
     assert warm_report["project_preloaded"] is False  # the project's modules import fresh
+    assert warm_report["umask"] == 0o027
     assert (warm_code, warm_err) == (plain_code, plain_err) == (0, "to stderr\n")
 
 
 @pytest.mark.parametrize(
-    ("args", "code"), [(("exit", "4"), 4), (("signal", "9"), -9), (("signal", "15"), -15)]
+    ("args", "code"),
+    [(("exit", "4"), 4), (("signal", "9"), -9), (("signal", "15"), -15), (("signal", "2"), -2)],
 )
 def test_exit_status_and_death_by_signal_are_mirrored(
     warm_env: dict[str, str], args: tuple[str, str], code: int
@@ -178,6 +187,13 @@ def test_off_switch_runs_directly_and_starts_nothing(tmp_path: Path) -> None:
     assert code == 0 and report["torch_preloaded"] is False
     assert list(folder.iterdir()) == []
     folder.rmdir()
+
+
+def test_an_unusable_server_folder_runs_the_stage_directly(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    code, report, stderr = run(probe_env(not_a_folder / "servers"))
+    assert (code, report["torch_preloaded"], stderr) == (0, False, "to stderr\n")
 
 
 def test_a_dead_servers_socket_is_replaced(tmp_path: Path) -> None:

@@ -22,7 +22,16 @@ def report() -> dict[str, object]:
         "project_preloaded": "modal_jobs.config" in sys.modules,
         "stdin": sys.stdin.readline().strip(),
         "main": __name__,
+        "umask": umask(),
+        "cpus": sorted(os.sched_getaffinity(0)),
     }
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it: set it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def on_term(_signum: int, _frame: object) -> None:

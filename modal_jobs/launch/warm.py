@@ -41,7 +41,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modal_jobs.launch.warm_server import FORWARDED_SIGNALS, MESSAGE_MAX, PRELOAD, locked
+from modal_jobs.launch.warm_server import (
+    FORWARDED_SIGNALS,
+    IDLE_ENV,
+    MESSAGE_MAX,
+    PRELOAD,
+    locked,
+)
 
 WARM_ENV = "MOLE_WARM_STAGES"
 DIR_ENV = "MOLE_WARM_DIR"
@@ -127,7 +133,7 @@ def _start_server(path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with log:
         return subprocess.Popen(
             [sys.executable, "-m", "modal_jobs.launch.warm_server", str(path)],
-            env=keyed_env(env),
+            env={**keyed_env(env), **{k: env[k] for k in (IDLE_ENV,) if k in env}},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -157,25 +163,44 @@ def _connect(path: Path, env: dict[str, str]) -> socket.socket | None:
     return None
 
 
+class _Signals:
+    """SIGTERM/SIGINT/SIGHUP caught from before the request; passed on once the stage runs."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.pending: list[int] = []
+        for signum in FORWARDED_SIGNALS:
+            signal.signal(signum, self.caught)
+
+    def caught(self, signum: int, _frame: Any) -> None:
+        self.pending.append(signum)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.sock is not None and self.pending:
+            with contextlib.suppress(OSError):  # the stage has just ended
+                self.sock.send(f"signal {self.pending[0]}".encode())
+            self.pending.pop(0)
+
+
 def _request(sock: socket.socket, module: str, args: list[str], env: dict[str, str]) -> int | None:
     """Send the launch; the stage's pid once the server says it started, else None."""
-    payload = json.dumps({"module": module, "args": args, "env": env, "cwd": os.getcwd()})
+    umask = os.umask(0)
+    os.umask(umask)
+    launch = {"module": module, "args": args, "env": env, "cwd": os.getcwd(), "umask": umask}
+    launch["cpus"] = sorted(os.sched_getaffinity(0))
     try:
-        socket.send_fds(sock, [payload.encode()], [0, 1, 2])
+        socket.send_fds(sock, [json.dumps(launch).encode()], [0, 1, 2])
         answer = sock.recv(MESSAGE_MAX).split()
     except OSError:
         return None
     return int(answer[1]) if len(answer) == 2 and answer[0] == b"started" else None
 
 
-def _mirror(sock: socket.socket) -> int:
+def _mirror(sock: socket.socket, signals: _Signals) -> int:
     """Forward signals to the stage until it ends; its exit code (a signal: re-raised here)."""
-
-    def forward(signum: int, _frame: Any) -> None:
-        sock.send(f"signal {signum}".encode())
-
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, forward)
+    signals.sock = sock
+    signals.flush()
     answer = sock.recv(MESSAGE_MAX).split()
     if len(answer) != 2 or answer[0] != b"exit":
         print("error: the warm stage server went away during the stage", file=sys.stderr)
@@ -189,18 +214,32 @@ def _mirror(sock: socket.socket) -> int:
     return code
 
 
+def _warm(module: str, args: list[str], env: dict[str, str], signals: _Signals) -> int | None:
+    """The stage's exit code from a warm launch; None if it could not be launched warm."""
+    path = server_dir(env) / f"{server_key(env)}.sock"
+    if not enabled(env) or len(str(path)) > SOCKET_PATH_MAX or not _private_dir(path.parent):
+        return None
+    for _attempt in range(2):  # once more if a server exited just as we connected
+        sock = _connect(path, env)
+        if sock is None:
+            return None
+        if _request(sock, module, args, env) is not None:
+            return _mirror(sock, signals)
+        sock.close()
+    return None
+
+
 def launch(module: str, args: list[str]) -> int:
     """Run `python -m <module> <args>` in a fork of the warm server, or directly without one."""
-    env = dict(os.environ)
-    path = server_dir(env) / f"{server_key(env)}.sock"
-    if enabled(env) and len(str(path)) <= SOCKET_PATH_MAX and _private_dir(path.parent):
-        for _attempt in range(2):  # once more if a server exited just as we connected
-            sock = _connect(path, env)
-            if sock is None:
-                break
-            if _request(sock, module, args, env) is not None:
-                return _mirror(sock)
-            sock.close()
+    signals = _Signals()
+    with contextlib.suppress(OSError):  # an unusable MOLE_WARM_DIR, a broken connection, …
+        code = _warm(module, args, dict(os.environ), signals)
+        if code is not None:
+            return code
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    for caught in signals.pending:  # what arrived before the stage ran is the stage's to end on
+        os.kill(os.getpid(), caught)
     os.execv(sys.executable, [sys.executable, "-m", module, *args])
 
 

@@ -3,7 +3,10 @@
 Started by the first warm launch as `python -m modal_jobs.launch.warm_server <socket>`, in a
 session of its own with only the import-time environment (`warm.keyed_env`). Single-threaded:
 for each connection it forks a supervisor, which forks the stage and relays signals and the
-exit status; nothing is ever forked from a process with a second thread.
+exit status. No Python thread runs when it forks; the native pool numpy's OpenBLAS starts at
+import is made fork-safe by OpenBLAS's own atfork handler, as for every `fork` start method.
+A stage gets the launch's environment, working directory, umask and CPU affinity; resource
+limits and niceness are the server's.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class Stage:
     env: dict[str, str]
     cwd: str
     fds: list[int]
+    umask: int
+    cpus: list[int]
 
     def run(self) -> NoReturn:
         """Become `python -m <module> <args>` as the client would have started it."""
@@ -71,6 +76,8 @@ class Stage:
             os.dup2(fd, target)
             os.close(fd)
         os.chdir(self.cwd)
+        os.umask(self.umask)
+        os.sched_setaffinity(0, self.cpus)
         os.environ.clear()
         os.environ.update(self.env)
         for name in [m for m in sys.modules if m.split(".")[0] in PROJECT_PACKAGES]:
@@ -86,6 +93,9 @@ class Stage:
             code = 0
         except SystemExit as exc:
             code = _exit_code(exc.code)
+        except KeyboardInterrupt:  # as the interpreter does: the traceback, then die by SIGINT
+            sys.excepthook(*sys.exc_info())
+            code = -signal.SIGINT
         except BaseException:
             sys.excepthook(*sys.exc_info())
             code = 1
@@ -112,6 +122,9 @@ def _finish(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
     os._exit(code)
 
 
@@ -127,7 +140,8 @@ def _receive(conn: socket.socket) -> Stage | None:
     if len(fds) != 3 or not message:
         return None
     request = json.loads(message)
-    return Stage(request["module"], request["args"], request["env"], request["cwd"], fds)
+    module, args, env, cwd = (request[k] for k in ("module", "args", "env", "cwd"))
+    return Stage(module, args, env, cwd, fds, request["umask"], request["cpus"])
 
 
 def _supervise(conn: socket.socket) -> Stage | None:
@@ -216,6 +230,7 @@ def serve(path: Path) -> Stage | None:
             return _supervise(conn)
         conn.close()
         running.add(pid)
+    sock.close()  # before the (slow) interpreter exit: queued clients go elsewhere now
     if _still_ours(path, inode):
         path.unlink()
     return None
@@ -239,11 +254,11 @@ def stop_servers(folder: Path, timeout: float = 10.0) -> list[Path]:
 
     Stages they are running go on to their end. Returns the locks still held after `timeout`.
     """
-    for sock in folder.glob("*.sock"):
-        sock.unlink(missing_ok=True)
     deadline = time.monotonic() + timeout
     held = list(folder.glob("*.lock"))
     while held and time.monotonic() < deadline:
+        for sock in folder.glob("*.sock"):  # again each time: one still preloading binds later
+            sock.unlink(missing_ok=True)
         held = [lock for lock in held if locked(lock)]
         time.sleep(0.1)
     return held
