@@ -180,7 +180,7 @@ def test_another_import_time_environment_gets_its_own_server(
     assert len(list(servers.glob("*.sock"))) == 2
 
 
-def test_off_switch_runs_directly_and_starts_nothing(tmp_path: Path) -> None:
+def test_off_switch_runs_directly_and_starts_nothing() -> None:
     folder = Path(tempfile.mkdtemp(prefix="warm-off-"))
     env = probe_env(folder, **{warm.WARM_ENV: "0"})
     code, report, _ = run(env)
@@ -196,7 +196,7 @@ def test_an_unusable_server_folder_runs_the_stage_directly(tmp_path: Path) -> No
     assert (code, report["torch_preloaded"], stderr) == (0, False, "to stderr\n")
 
 
-def test_a_dead_servers_socket_is_replaced(tmp_path: Path) -> None:
+def test_a_dead_servers_socket_is_replaced() -> None:
     folder = Path(tempfile.mkdtemp(prefix="warm-dead-"))
     env = probe_env(folder)
     run(env)

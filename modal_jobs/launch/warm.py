@@ -46,6 +46,7 @@ from modal_jobs.launch.warm_server import (
     IDLE_ENV,
     MESSAGE_MAX,
     PRELOAD,
+    die_by,
     locked,
 )
 
@@ -183,18 +184,18 @@ class _Signals:
             self.pending.pop(0)
 
 
-def _request(sock: socket.socket, module: str, args: list[str], env: dict[str, str]) -> int | None:
-    """Send the launch; the stage's pid once the server says it started, else None."""
+def _request(sock: socket.socket, module: str, args: list[str], env: dict[str, str]) -> bool:
+    """Send the launch; whether the server says the stage started."""
     umask = os.umask(0)
     os.umask(umask)
-    launch = {"module": module, "args": args, "env": env, "cwd": os.getcwd(), "umask": umask}
-    launch["cpus"] = sorted(os.sched_getaffinity(0))
+    request = {"module": module, "args": args, "env": env, "cwd": os.getcwd(), "umask": umask}
+    request["cpus"] = sorted(os.sched_getaffinity(0))
     try:
-        socket.send_fds(sock, [json.dumps(launch).encode()], [0, 1, 2])
+        socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
         answer = sock.recv(MESSAGE_MAX).split()
     except OSError:
-        return None
-    return int(answer[1]) if len(answer) == 2 and answer[0] == b"started" else None
+        return False
+    return answer == [b"started"]
 
 
 def _mirror(sock: socket.socket, signals: _Signals) -> int:
@@ -207,9 +208,7 @@ def _mirror(sock: socket.socket, signals: _Signals) -> int:
         return 1
     code = os.waitstatus_to_exitcode(int(answer[1]))
     if code < 0:
-        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
-            signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
+        die_by(-code)
         return 128 - code
     return code
 
@@ -223,7 +222,7 @@ def _warm(module: str, args: list[str], env: dict[str, str], signals: _Signals) 
         sock = _connect(path, env)
         if sock is None:
             return None
-        if _request(sock, module, args, env) is not None:
+        if _request(sock, module, args, env):
             return _mirror(sock, signals)
         sock.close()
     return None
@@ -236,10 +235,8 @@ def launch(module: str, args: list[str]) -> int:
         code = _warm(module, args, dict(os.environ), signals)
         if code is not None:
             return code
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, signal.SIG_DFL)
-    for caught in signals.pending:  # what arrived before the stage ran is the stage's to end on
-        os.kill(os.getpid(), caught)
+    if signals.pending:  # what arrived before the stage could run ends the launch
+        die_by(signals.pending[0])
     os.execv(sys.executable, [sys.executable, "-m", module, *args])
 
 

@@ -123,9 +123,15 @@ def _finish(code: int) -> NoReturn:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code)
+        die_by(-code)
+    os._exit(code if code >= 0 else 128 - code)
+
+
+def die_by(signum: int) -> None:
+    """End this process by `signum`'s default action, as a process the signal killed ends."""
+    with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _text_stream(fd: int, write_through: bool, errors: str) -> io.TextIOWrapper:
@@ -159,7 +165,7 @@ def _supervise(conn: socket.socket) -> Stage | None:
         return stage
     for fd in stage.fds:
         os.close(fd)
-    conn.send(f"started {pid}".encode())
+    conn.send(b"started")
     _relay(conn, pid)
     os._exit(0)
 
