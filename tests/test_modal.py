@@ -18,6 +18,8 @@ from typing import Any
 import dagster as dg
 import modal
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from modal_jobs.config import load_config
 from modal_jobs.launch import cloud, compute, warm
@@ -512,8 +514,18 @@ def test_modal_graph_artifacts_byte_identical_to_local(graphs: dict[str, Graph])
     assert shards and all(
         (remote.shards / f).read_bytes() == (local.shards / f).read_bytes() for f in shards
     )
+    # Trained weights agree to float32 noise, not always bit for bit: CPU training of identical
+    # inputs (plain processes and emulated containers alike) took another rounding path in 2 of
+    # about 22 fresh processes measured on a 2-core machine, from the first step that reuses
+    # cached vision outputs; the weights then differed by at most 1.8e-6 (largest |w| ≈ 0.14).
     weights = "adapter_model.safetensors"
-    assert (remote.checkpoint / weights).read_bytes() == (local.checkpoint / weights).read_bytes()
+    ours, theirs = (load_file(str(v.checkpoint / weights)) for v in (remote, local))
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+    curves = [json.loads((v.checkpoint / "loss_curve.json").read_text()) for v in (remote, local)]
+    assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == list(range(1, 9))
+    assert [x for _, x in curves[0]] == pytest.approx([x for _, x in curves[1]], rel=1e-5)
     assert (
         json.loads((remote.report / "report.json").read_text())["confusion_matrix"]
         == (json.loads((local.report / "report.json").read_text())["confusion_matrix"])
@@ -521,7 +533,10 @@ def test_modal_graph_artifacts_byte_identical_to_local(graphs: dict[str, Graph])
     registry = json.loads(
         (graphs["modal"].cloud.volume(INFERENCE_VOLUME) / "registry.json").read_text()
     )
-    assert registry["current"] == graphs["local"].line["registry_current"]
+    # A router's name carries its weights' hash: the same run, each backend's own weights.
+    assert registry["current"] == graphs["modal"].line["registry_current"]
+    sha = json.loads((remote.checkpoint / "training_summary.json").read_text())["adapter_sha256"]
+    assert registry["current"] == f"emulated-{sha[:12]}"
     assert not list(remote.root.glob(".*parts*"))
 
 

@@ -31,10 +31,22 @@ def probe_env(servers: Path, **extra: str) -> dict[str, str]:
 
 
 def run(
-    env: dict[str, str], *args: str, warm_launch: bool = True, cwd: Path = REPO, stdin: str = ""
+    env: dict[str, str],
+    *args: str,
+    warm_launch: bool = True,
+    cwd: Path = REPO,
+    stdin: str = "",
+    cpus: set[int] | None = None,
 ) -> tuple[int, dict[str, Any], str]:
-    """Launch the probe (warm, or plain `python -m`); its exit code, report and stderr."""
+    """Launch the probe (warm, or plain `python -m`; on `cpus`, default all of this process's);
+    its exit code, report and stderr."""
     head = warm.command(PROBE) if warm_launch else [sys.executable, "-m", PROBE]
+
+    def launch_settings() -> None:
+        os.umask(0o027)  # the launch's, which a warm stage must get too
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
     done = subprocess.run(
         [*head, *args],
         env=env,
@@ -43,15 +55,15 @@ def run(
         capture_output=True,
         text=True,
         timeout=300,
-        preexec_fn=lambda: os.umask(0o027),  # the launch's, which a warm stage must get too
+        preexec_fn=launch_settings,
     )
     report = json.loads(done.stdout.splitlines()[0]) if done.stdout else {}
     return done.returncode, report, done.stderr
 
 
-def wait_for_server(env: dict[str, str]) -> Path:
-    """The socket of the server for `env`, once it accepts connections."""
-    path = warm.server_dir(env) / f"{warm.server_key(env)}.sock"
+def wait_for_server(env: dict[str, str], cpus: set[int] | None = None) -> Path:
+    """The socket of the server for `env` (on `cpus`), once it accepts connections."""
+    path = warm.server_dir(env) / f"{warm.server_key(env, cpus)}.sock"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
@@ -178,6 +190,33 @@ def test_another_import_time_environment_gets_its_own_server(
     assert code == 0 and report["torch_preloaded"] is False  # it did not use the first server
     wait_for_server(other)
     assert len(list(servers.glob("*.sock"))) == 2
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_server_started_on_one_cpu_is_not_shared_with_a_launch_on_all() -> None:
+    """torch sizes its thread pool from the CPUs it was imported on: a stage forked from a
+    server started under `taskset -c 0` would otherwise train with one thread on every CPU."""
+    folder = Path(tempfile.mkdtemp(prefix="warm-cpus-"))
+    env = probe_env(folder)
+    every, one = os.sched_getaffinity(0), {min(os.sched_getaffinity(0))}
+
+    def threads(cpus: set[int], warm_launch: bool = True) -> tuple[bool, int]:
+        code, report, _ = run(env, "threads", warm_launch=warm_launch, cpus=cpus)
+        assert code == 0 and report["cpus"] == sorted(cpus)
+        return report["torch_preloaded"], report["threads"]
+
+    plain = {"every": threads(every, False)[1], "one": threads(one, False)[1]}
+    if plain["every"] == plain["one"]:
+        pytest.skip(f"torch uses {plain['one']} thread(s) on one CPU and on all of them here")
+    threads(one)  # runs directly and starts the one-CPU server
+    wait_for_server(env, one)
+    assert threads(one) == (True, plain["one"])
+    assert threads(every) == (False, plain["every"])  # not the one-CPU server: its own
+    wait_for_server(env, every)
+    assert threads(every) == (True, plain["every"])
+    assert len(list(folder.glob("*.sock"))) == 2
+    assert warm_server.stop_servers(folder) == []
+    shutil.rmtree(folder)
 
 
 def test_off_switch_runs_directly_and_starts_nothing() -> None:

@@ -1,6 +1,6 @@
 """A stand-in stage for `tests/test_warm.py`: reports what a launched stage sees, then ends the
 way its arguments say (`exit N`, `signal N`, `sleep S`, `raise`, `trap`: exit 3 on
-SIGTERM)."""
+SIGTERM, `threads`: also report torch's intra-op thread count)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 
 def report() -> dict[str, object]:
     """What the stage process sees of its launch."""
-    return {
+    seen: dict[str, object] = {
         "pid": os.getpid(),
         "cwd": os.getcwd(),
         "argv": sys.argv[1:],
@@ -25,6 +25,11 @@ def report() -> dict[str, object]:
         "umask": umask(),
         "cpus": sorted(os.sched_getaffinity(0)),
     }
+    if sys.argv[1:2] == ["threads"]:
+        import torch
+
+        seen["threads"] = torch.get_num_threads()
+    return seen
 
 
 def umask() -> int:

@@ -18,9 +18,9 @@ it (PR_SET_PDEATHSIG). Anything wrong before the stage starts — no server, a s
 cannot start, a socket path too long — and the client `exec`s the
 plain `python -m <module>` instead, so a launch never depends on the server.
 
-One server serves one interpreter, library versions and import-time environment (the variables
-under `KEYED_PREFIXES`: thread counts, Hugging Face and CUDA settings, `HOME`, `PATH`, …);
-another combination gets its own server. A server exits after `MOLE_WARM_IDLE_S` seconds
+One server serves one interpreter, library versions, CPU affinity and import-time environment
+(the variables under `KEYED_PREFIXES`: thread counts, Hugging Face and CUDA settings, `HOME`,
+`PATH`, …); another combination gets its own server. A server exits after `MOLE_WARM_IDLE_S` seconds
 (default 600) without a stage running, or within a second of its socket file being removed.
 `MOLE_WARM_STAGES=0` turns warm launches off. Sockets and server logs are in `MOLE_WARM_DIR`
 (default `/tmp/mole-warm-<uid>`).
@@ -104,13 +104,20 @@ def _version(name: str) -> str:
         return "-"
 
 
-def server_key(env: dict[str, str]) -> str:
-    """Which server a launch with `env` may use: interpreter, library versions, keyed env."""
+def server_key(env: dict[str, str], cpus: set[int] | None = None) -> str:
+    """Which server a launch with `env` on `cpus` (default: this process's CPUs) may use.
+
+    The key is the interpreter, library versions, keyed env and CPUs. The CPUs are in it
+    because OpenMP sizes torch's thread pool from the affinity a process has when torch is
+    imported: a server started under `taskset -c 0` would hand a launch on every CPU one
+    thread where `python -m` gives it one per core.
+    """
     facts = {
         "python": [sys.executable, sys.version],
         "versions": {name: _version(name) for name in VERSIONED},
         "preload": PRELOAD,
         "env": keyed_env(env),
+        "cpus": sorted(os.sched_getaffinity(0) if cpus is None else cpus),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
