@@ -20,10 +20,10 @@ plain `python -m <module>` instead, so a launch never depends on the server.
 
 One server serves one interpreter, library versions, CPU affinity and import-time environment
 (the variables under `KEYED_PREFIXES`: thread counts, Hugging Face and CUDA settings, `HOME`,
-`PATH`, …); another combination gets its own server. A server exits after `MOLE_WARM_IDLE_S` seconds
-(default 600) without a stage running, or within a second of its socket file being removed.
-`MOLE_WARM_STAGES=0` turns warm launches off. Sockets and server logs are in `MOLE_WARM_DIR`
-(default `/tmp/mole-warm-<uid>`).
+`PATH`, …); another combination gets its own server. A server exits after `MOLE_WARM_IDLE_S`
+seconds (default 600) without a stage running, or within a second of its socket file being
+removed. `MOLE_WARM_STAGES=0` turns warm launches off. Sockets and server logs are in
+`MOLE_WARM_DIR` (default `/tmp/mole-warm-<uid>`).
 """
 
 from __future__ import annotations
