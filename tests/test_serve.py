@@ -31,6 +31,7 @@ from modal_jobs.layout import Volumes
 from modal_jobs.ml.calibration import ECE_BINS
 from modal_jobs.serving.batched import Prepared
 from modal_jobs.serving.inference import Answer, Route, Stack
+from mole_assets.cli import main
 
 from .conftest import TRAINED_RUN as RUN
 from .conftest import TrainedRun
@@ -61,6 +62,7 @@ def deployed(trained_run: TrainedRun) -> Deployed:
 
 
 def _mole(deployed: Deployed, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mole <args>` as a user runs it: a process of its own."""
     return subprocess.run(
         [sys.executable, "-m", "mole_assets.cli", *args],
         capture_output=True,
@@ -69,6 +71,19 @@ def _mole(deployed: Deployed, *args: str) -> subprocess.CompletedProcess[str]:
         env=deployed.env,
         check=False,
     )
+
+
+def _mole_here(
+    deployed: Deployed,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *args: str,
+) -> tuple[int, str]:
+    """`mole <args>` through the CLI's entry point in this process (no interpreter to start):
+    its exit status and what it printed."""
+    monkeypatch.setenv("MOLE_CONFIG_DIR", str(deployed.config_dir))
+    code = main(list(args))
+    return code, capsys.readouterr().out
 
 
 def test_report_has_calibration_latency_and_end_to_end(deployed: Deployed) -> None:
@@ -87,11 +102,16 @@ def test_report_has_calibration_latency_and_end_to_end(deployed: Deployed) -> No
     assert router["temperature"] == calibration["temperature"]
 
 
-def test_route_held_out_screens(deployed: Deployed) -> None:
+def test_route_held_out_screens(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for expert, screen in deployed.screens.items():
-        done = _mole(deployed, "route", str(screen), "--prompt", deployed.prompts[expert], "--json")
-        assert done.returncode == 0, done.stderr[-2000:]
-        route = json.loads(done.stdout)
+        prompt = deployed.prompts[expert]
+        code, out = _mole_here(
+            deployed, monkeypatch, capsys, "route", str(screen), "--prompt", prompt, "--json"
+        )
+        assert code == 0
+        route = json.loads(out)
         assert route["expert"] == expert, route
         assert abs(sum(route["probabilities"].values()) - 1.0) < 1e-6
         assert set(route["probabilities"]) == set(load_config(deployed.config_dir).dataset.experts)
@@ -144,7 +164,9 @@ def test_report_per_condition_and_abstention(deployed: Deployed) -> None:
     assert router["ood"] == ood["router"]
 
 
-def test_unknown_screens_abstain_and_infer_uses_the_bare_base(deployed: Deployed) -> None:
+def test_unknown_screens_abstain_and_infer_uses_the_bare_base(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A blank screen and noise are no expert's: route abstains, infer runs no adapter."""
     rng = np.random.default_rng(7)
     screens = {
@@ -154,9 +176,9 @@ def test_unknown_screens_abstain_and_infer_uses_the_bare_base(deployed: Deployed
     for name, image in screens.items():
         path = deployed.screens["calendar"].with_name(f"{name}.png")
         image.save(path)
-        done = _mole(deployed, "route", str(path), "--json")
-        assert done.returncode == 0, done.stderr[-2000:]
-        route = json.loads(done.stdout)
+        code, out = _mole_here(deployed, monkeypatch, capsys, "route", str(path), "--json")
+        assert code == 0
+        route = json.loads(out)
         assert route["abstained"] is True and route["adapter"] is None, (name, route)
     done = _mole(deployed, "infer", str(path), "--prompt", "What is this?", "--json")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -48,7 +48,7 @@ COUNT = 8  # samples per expert: the queue, pool and crash are the subject, not 
 # the machine's load): this many seconds after that point, so monitoring gives up on the dead
 # run soon. The retry inherits the parent's tags; an operator's tag raises its limit to one a
 # whole run fits in.
-CRASH_MARGIN = 20
+CRASH_MARGIN = 10
 RETRY_MAX_RUNTIME = 900
 MAX_RUNTIME = "dagster/max_runtime"
 PARTITION = "dagster/partition"
