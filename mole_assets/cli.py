@@ -76,6 +76,7 @@ def materialize(
 
     from mole_assets.assets import router_assets
     from mole_assets.definitions import defs
+    from mole_assets.executor import patient_pool_waits
     from mole_assets.instance import instance
     from mole_assets.jobs import observe_experts_job
     from mole_assets.resources import MoleResource
@@ -97,16 +98,17 @@ def materialize(
         ops["expert_adapters"] = {"config": {"mode": "test"}}
     if ops:
         run_config["ops"] = ops
-    return dg.materialize(
-        assets,
-        instance=inst,
-        partition_key=name,
-        selection=selection,
-        resources={"mole": MoleResource()},
-        run_config=run_config,
-        raise_on_error=False,
-        tags={"mole/run": name},
-    )
+    with patient_pool_waits():  # another run may hold the `gpu` pool's slot
+        return dg.materialize(
+            assets,
+            instance=inst,
+            partition_key=name,
+            selection=selection,
+            resources={"mole": MoleResource()},
+            run_config=run_config,
+            raise_on_error=False,
+            tags={"mole/run": name},
+        )
 
 
 def selection_for(select: str | None) -> dg.AssetSelection:
