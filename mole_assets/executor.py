@@ -8,19 +8,18 @@ in-process). Two changes to it:
   that has imported Dagster and this code location once per run; spawned, every step imports
   them afresh (about a second each here).
 - **No busy wait for a pool slot.** When every step a run could start next is blocked by a pool
-  limit (the `gpu` pool: another run is training) and none of its steps is running, the
+  limit (the `gpu` pool: another run is training) and none of its step processes is open, the
   multiprocess executor's loop (`dagster/_core/executor/multiprocess.py`, `execute`) asks its
-  plan state for steps again at once: the run worker spins at 100 % of a core for as long as it
-  waits (measured: 7.7 s of CPU over an 8 s wait; dagster 1.13.27, and 1.13.29 has the same
-  loop). On a 2-core machine the training it waits for then runs several times slower. Dagster
-  re-tries the claim itself at growing intervals; the wait it offers for that,
-  `ActiveExecution.sleep_interval`, is 0 while claims are pending
+  plan state for steps again at once, with no sleep at all: the run worker spins at 100 % of a
+  core for as long as it waits (measured: 7.7 s of CPU over an 8 s wait; dagster 1.13.27, and
+  1.13.29 has the same loop). On a 2-core machine the training it waits for then runs several
+  times slower. The in-process executor (`dg.materialize`, so `mole materialize`) does sleep,
+  for `ActiveExecution.sleep_interval`, but that is 0 while pool claims are pending
   (`InstanceConcurrencyContext.interval_to_next_pending_claim_check` returns `min([0, …])`,
-  `dagster/_core/execution/plan/instance_concurrency_context.py`). The plan state used here
-  sleeps `POOL_WAIT_S` instead whenever nothing runs, nothing can start and the plan is not
-  done. Dagster's in-process executor (`dg.materialize`, so `mole materialize`) relies on that
-  0-second wait too and spins the same way (measured: 4.3 s of CPU over a 4.6 s wait):
-  `mole materialize` runs its materialization under `patient_pool_waits()` as well.
+  `dagster/_core/execution/plan/instance_concurrency_context.py`), so it spins too (measured:
+  4.3 s of CPU over a 4.6 s wait). The plan state used here sleeps `POOL_WAIT_S` when no step
+  process is open, nothing can start and the plan is not done; `mole materialize` runs its
+  materialization under `patient_pool_waits()` as well.
 """
 
 from __future__ import annotations

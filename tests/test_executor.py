@@ -19,6 +19,7 @@ from dagster._core.executor.init import InitExecutorContext
 
 from mole_assets.definitions import defs
 from mole_assets.executor import STEP_PROCESSES
+from mole_assets.service_state import eventually
 
 from .pool_probe import POOL
 
@@ -33,16 +34,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def until(probe, what: str, timeout: float = 120.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} not seen within {timeout:.0f}s")
-
-
 def blocked_by_pool(instance: dg.DagsterInstance, how: str) -> bool:
     """Whether the probe run `how` has reported its step blocked by the `probe` pool's limit."""
     for run in instance.get_runs(filters=dg.RunsFilter(tags={"probe": how})):
@@ -50,6 +41,11 @@ def blocked_by_pool(instance: dg.DagsterInstance, how: str) -> bool:
             if f"blocked by limit for pool {POOL}" in (entry.message or ""):
                 return True
     return False
+
+
+def all_blocked(instance: dg.DagsterInstance, kinds: Iterable[str]) -> bool | None:
+    """True once every probe run in `kinds` waits for the slot; None before."""
+    return all(blocked_by_pool(instance, how) for how in kinds) or None
 
 
 def kill_survivors(processes: Iterable[subprocess.Popen[bytes]]) -> None:
@@ -107,14 +103,14 @@ def test_a_run_waiting_for_a_pool_slot_waits_idly(tmp_path: Path) -> None:
         kinds = ("stock", "mole", "stock-inprocess", "mole-inprocess")
         try:
 
-            def holding() -> bool:
+            def holding() -> bool | None:
                 assert holder.poll() is None, holder.communicate()[1].decode()[-3000:]
-                return (holder_folder / "holding").exists()
+                return (holder_folder / "holding").exists() or None
 
-            until(holding, "the slot held")
+            eventually(holding, "the slot held", timeout=120)
             waiting = {name: start(name, hold=False)[0] for name in kinds}
             processes.update(waiting)
-            until(lambda: all(blocked_by_pool(instance, j) for j in waiting), "all four blocked")
+            eventually(lambda: all_blocked(instance, kinds), "all four blocked", timeout=120)
             before = {name: cpu_seconds(p.pid) for name, p in waiting.items()}
             time.sleep(WINDOW_S)
             share = {n: (cpu_seconds(p.pid) - before[n]) / WINDOW_S for n, p in waiting.items()}
